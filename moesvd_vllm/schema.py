@@ -1,0 +1,222 @@
+"""The compressed-checkpoint schema: the one contract between `offline/` (writer) and the plugin (reader).
+
+A compressed checkpoint is a Hugging Face directory whose `config.json` keeps the original `model_type`,
+names a plugin-only architecture in `architectures`, and carries a `moe_svd` block described here.
+See docs/format.md for the full description. Pure Python (no torch, no vLLM): cheap to import anywhere.
+
+Shapes of a decomposed MoE layer `L` in the "shared_basis" form (H hidden, I expert intermediate,
+r rank, K banks = distinct factor sets, E routed experts):
+
+    model.layers.L.mlp.moe_svd_in.weight            [r, H]   input basis A, shared by all gate/up
+    model.layers.L.mlp.moe_svd_out.weight           [H, r]   output basis B, shared by all down
+    model.layers.L.mlp.experts.k.gate_proj.weight   [I, r]   per-bank factors, k in [0, K)
+    model.layers.L.mlp.experts.k.up_proj.weight     [I, r]
+    model.layers.L.mlp.experts.k.down_proj.weight   [r, I]
+
+Expert e of the original model computes  B @ down_k(act(gate_k(A x)) * up_k(A x))  with k = bank_map[e].
+The router (`mlp.gate`) and everything else keeps the original names and shapes. The "per_expert" form
+(baselines: plain / whitened per-expert SVD) stores `experts.e.{gate,up,down}_proj.{lora_a,lora_b}` with
+W ~= lora_b @ lora_a; only the PyTorch reference evaluates it, the plugin refuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+CONFIG_KEY = "moe_svd"
+RANK_MULTIPLE = 32  # vLLM's CPU fused-MoE kernel needs the expert hidden size (here: r) % 32 == 0
+
+FORMS = ("shared_basis", "per_expert")
+BASIS_DTYPES = ("float32", "bfloat16", "float16")
+
+# Original architecture -> plugin-only architecture. Stock vLLM does not know the plugin names, so a
+# compressed checkpoint served without the plugin fails loudly instead of producing NaN.
+PLUGIN_ARCHITECTURES: dict[str, str] = {
+    "Qwen3MoeForCausalLM": "MoESVDQwen3MoeForCausalLM",
+    "MixtralForCausalLM": "MoESVDMixtralForCausalLM",
+    "Qwen2MoeForCausalLM": "MoESVDQwen2MoeForCausalLM",
+    "DeepseekV2ForCausalLM": "MoESVDDeepseekV2ForCausalLM",
+    "PhiMoEForCausalLM": "MoESVDPhiMoEForCausalLM",
+    "OlmoeForCausalLM": "MoESVDOlmoeForCausalLM",
+}
+
+
+class SchemaError(ValueError):
+    """The `moe_svd` block or the checkpoint does not match the schema."""
+
+
+def _from_dict(cls, data: Any, where: str):
+    """Build dataclass `cls` from `data`, rejecting unknown and missing keys with the path in the message."""
+    if not isinstance(data, dict):
+        raise SchemaError(f"{where}: expected an object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SchemaError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    required = {
+        f.name for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    missing = sorted(required - set(data))
+    if missing:
+        raise SchemaError(f"{where}: missing key(s) {missing}")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One decomposed MoE layer."""
+
+    form: str  # "shared_basis" (servable) or "per_expert" (baselines)
+    rank: int  # r: columns of the rank space (shared_basis: a multiple of RANK_MULTIPLE)
+    num_experts: int  # E: routed experts of the original layer
+    bank_map: list[int]  # expert e -> bank k (identity when nothing was trimmed)
+    basis_dtype: str = "float32"  # dtype of moe_svd_in / moe_svd_out (shared_basis only)
+    sensitivity: float | None = None  # S_L (Eq. 4) of this layer, for the report
+
+    @property
+    def num_banks(self) -> int:
+        return max(self.bank_map) + 1 if self.bank_map else 0
+
+    def validate(self, where: str) -> None:
+        if self.form not in FORMS:
+            raise SchemaError(f"{where}.form: {self.form!r} is not one of {FORMS}")
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise SchemaError(f"{where}.rank: must be a positive integer, got {self.rank!r}")
+        if self.form == "shared_basis" and self.rank % RANK_MULTIPLE:
+            raise SchemaError(
+                f"{where}.rank: {self.rank} is not a multiple of {RANK_MULTIPLE} "
+                "(vLLM's fused-MoE kernel needs it); re-compress with a rank multiple of 32")
+        if len(self.bank_map) != self.num_experts:
+            raise SchemaError(
+                f"{where}.bank_map: has {len(self.bank_map)} entries for {self.num_experts} experts")
+        banks = set(self.bank_map)
+        if any((not isinstance(k, int)) or k < 0 for k in banks) or banks != set(range(len(banks))):
+            raise SchemaError(
+                f"{where}.bank_map: banks must be the integers 0..K-1 each used at least once, got "
+                f"{sorted(banks)}")
+        if self.form == "per_expert" and self.bank_map != list(range(self.num_experts)):
+            raise SchemaError(f"{where}.bank_map: the per_expert form has no banks (identity map)")
+        if self.basis_dtype not in BASIS_DTYPES:
+            raise SchemaError(f"{where}.basis_dtype: {self.basis_dtype!r} is not one of {BASIS_DTYPES}")
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Routed-expert parameters (gate/up/down of all MoE layers; shared bases count as expert params)."""
+
+    expert_dense: int
+    expert_compressed: int
+
+    @property
+    def ratio(self) -> float:
+        """Fraction of expert parameters removed (the paper's compression ratio)."""
+        return 1.0 - self.expert_compressed / self.expert_dense
+
+
+@dataclass(frozen=True)
+class CalibrationInfo:
+    source: str  # what the user passed (path or dataset name)
+    sha256: str  # hash of the token ids actually used
+    num_samples: int
+    seq_len: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class MoESVDConfig:
+    """The `moe_svd` block of a compressed checkpoint's config.json."""
+
+    format_version: int
+    method: str  # e.g. "moe-svd", "moe-svd-stacked", "svd", "whitened-svd", "full-rank"
+    original_architectures: list[str]
+    layers: dict[str, LayerSpec]  # key: decoder layer index as a string (JSON keys are strings)
+    params: ParamCounts
+    options: dict[str, Any] = field(default_factory=dict)  # the compressor's options, as run
+    calibration: CalibrationInfo | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "MoESVDConfig":
+        where = CONFIG_KEY
+        if isinstance(data, dict) and data.get("format_version") != FORMAT_VERSION:
+            raise SchemaError(
+                f"{where}.format_version: {data.get('format_version')!r} is not supported by this "
+                f"moesvd-vllm (reads version {FORMAT_VERSION}); upgrade moesvd-vllm or re-compress")
+        cfg = _from_dict(cls, data, where)
+        layers = {}
+        if not isinstance(cfg.layers, dict):
+            raise SchemaError(f"{where}.layers: expected an object keyed by layer index")
+        for key, spec in cfg.layers.items():
+            if not str(key).isdigit():
+                raise SchemaError(f"{where}.layers: key {key!r} is not a layer index")
+            layers[str(int(key))] = _from_dict(LayerSpec, spec, f"{where}.layers.{key}")
+        params = _from_dict(ParamCounts, cfg.params, f"{where}.params")
+        calib = (None if cfg.calibration is None
+                 else _from_dict(CalibrationInfo, cfg.calibration, f"{where}.calibration"))
+        out = dataclasses.replace(cfg, layers=layers, params=params, calibration=calib)
+        out.validate()
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        if not isinstance(self.method, str) or not self.method:
+            raise SchemaError(f"{CONFIG_KEY}.method: must be a non-empty string")
+        if not self.original_architectures:
+            raise SchemaError(f"{CONFIG_KEY}.original_architectures: must name the original class")
+        for key, spec in self.layers.items():
+            spec.validate(f"{CONFIG_KEY}.layers.{key}")
+        p = self.params
+        if not (0 < p.expert_compressed and 0 < p.expert_dense):
+            raise SchemaError(f"{CONFIG_KEY}.params: counts must be positive, got {p}")
+
+    @property
+    def decomposed_layers(self) -> list[int]:
+        return sorted(int(k) for k in self.layers)
+
+    def layer(self, index: int) -> LayerSpec | None:
+        return self.layers.get(str(index))
+
+
+def expected_layer_tensors(prefix: str, spec: LayerSpec, hidden: int, intermediate: int,
+                           model_dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, dtype) of every tensor a decomposed layer stores, `prefix` = 'model.layers.L.mlp'."""
+    r, h, i = spec.rank, hidden, intermediate
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    if spec.form == "shared_basis":
+        out[f"{prefix}.moe_svd_in.weight"] = ((r, h), spec.basis_dtype)
+        out[f"{prefix}.moe_svd_out.weight"] = ((h, r), spec.basis_dtype)
+        for k in range(spec.num_banks):
+            out[f"{prefix}.experts.{k}.gate_proj.weight"] = ((i, r), model_dtype)
+            out[f"{prefix}.experts.{k}.up_proj.weight"] = ((i, r), model_dtype)
+            out[f"{prefix}.experts.{k}.down_proj.weight"] = ((r, i), model_dtype)
+    else:
+        for e in range(spec.num_experts):
+            for proj, (rows, cols) in (("gate_proj", (i, h)), ("up_proj", (i, h)),
+                                       ("down_proj", (h, i))):
+                out[f"{prefix}.experts.{e}.{proj}.lora_a"] = ((r, cols), model_dtype)
+                out[f"{prefix}.experts.{e}.{proj}.lora_b"] = ((rows, r), model_dtype)
+    return out
+
+
+def shared_basis_params(spec: LayerSpec, hidden: int, intermediate: int) -> int:
+    """Expert parameters of a decomposed layer (bases + factors), as counted in ParamCounts."""
+    r = spec.rank
+    if spec.form == "shared_basis":
+        return 2 * r * hidden + spec.num_banks * 3 * intermediate * r
+    return spec.num_experts * r * 3 * (hidden + intermediate)
+
+
+def read_moe_svd_config(model_dir: str | os.PathLike) -> MoESVDConfig | None:
+    """The validated `moe_svd` block of `model_dir/config.json`, or None for a dense checkpoint."""
+    path = os.path.join(os.fspath(model_dir), "config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    block = config.get(CONFIG_KEY)
+    return None if block is None else MoESVDConfig.from_dict(block)

@@ -1,0 +1,5 @@
+"""Shared pytest fixtures live in tests/support/*; each module registers here (one line each)."""
+
+pytest_plugins = [
+    "tests.support.servers",
+]
