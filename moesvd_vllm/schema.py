@@ -5,7 +5,8 @@ names a plugin-only architecture in `architectures`, and carries a `moe_svd` blo
 See docs/format.md for the full description. Pure Python (no torch, no vLLM): cheap to import anywhere.
 
 Shapes of a decomposed MoE layer `L` in the "shared_basis" form (H hidden, I expert intermediate,
-r rank, K banks = distinct factor sets, E routed experts):
+r rank, K banks = distinct factor sets, E routed experts), shown for Qwen-style names; MOE_LAYOUTS gives
+each model type's MoE module (`mlp` / `block_sparse_moe`) and expert projection names (w1/w3/w2 ...):
 
     model.layers.L.mlp.moe_svd_in.weight            [r, H]   input basis A, shared by all gate/up
     model.layers.L.mlp.moe_svd_out.weight           [H, r]   output basis B, shared by all down
@@ -184,33 +185,121 @@ class MoESVDConfig:
         return self.layers.get(str(index))
 
 
-def expected_layer_tensors(prefix: str, spec: LayerSpec, hidden: int, intermediate: int,
+@dataclass(frozen=True)
+class MoELayout:
+    """Where a model type keeps its routed experts, with the on-disk (Hugging Face Hub) tensor names."""
+
+    moe_module: str  # decoder-layer attribute of the MoE block: "mlp" or "block_sparse_moe"
+    gate_proj: str  # per-expert projection names under `<moe_module>.experts.<e>.`
+    up_proj: str
+    down_proj: str
+    router: str = "gate"  # `<moe_module>.<router>.weight` [E, H]
+    num_experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts")
+    top_k_keys: tuple[str, ...] = ("num_experts_per_tok",)
+    intermediate_keys: tuple[str, ...] = ("moe_intermediate_size",)
+
+
+_QWEN_STYLE = MoELayout("mlp", "gate_proj", "up_proj", "down_proj")
+_MIXTRAL_STYLE = MoELayout("block_sparse_moe", "w1", "w3", "w2",
+                           num_experts_keys=("num_local_experts",),
+                           intermediate_keys=("intermediate_size",))
+
+MOE_LAYOUTS: dict[str, MoELayout] = {
+    "qwen3_moe": _QWEN_STYLE,
+    "qwen2_moe": _QWEN_STYLE,
+    "olmoe": dataclasses.replace(_QWEN_STYLE, intermediate_keys=("intermediate_size",)),
+    "deepseek_v2": dataclasses.replace(_QWEN_STYLE, num_experts_keys=("n_routed_experts",)),
+    "mixtral": _MIXTRAL_STYLE,
+    "phimoe": _MIXTRAL_STYLE,
+}
+
+
+def moe_layout(model_type: str) -> MoELayout:
+    try:
+        return MOE_LAYOUTS[model_type]
+    except KeyError:
+        raise SchemaError(
+            f"model_type {model_type!r} is not a supported Mixture-of-Experts architecture; "
+            f"supported: {sorted(MOE_LAYOUTS)}") from None
+
+
+def _first_key(config: dict[str, Any], keys: tuple[str, ...], what: str) -> int:
+    for key in keys:
+        if config.get(key) is not None:
+            return int(config[key])
+    raise SchemaError(f"config.json has none of {list(keys)} ({what})")
+
+
+@dataclass(frozen=True)
+class MoEDims:
+    num_experts: int  # E, routed
+    top_k: int
+    hidden: int  # H
+    intermediate: int  # I, per routed expert
+
+
+def moe_dims(config: dict[str, Any]) -> MoEDims:
+    """Routed-expert dimensions read from a config.json dict."""
+    layout = moe_layout(config.get("model_type", ""))
+    return MoEDims(
+        num_experts=_first_key(config, layout.num_experts_keys, "number of routed experts"),
+        top_k=_first_key(config, layout.top_k_keys, "experts per token"),
+        hidden=_first_key(config, ("hidden_size",), "hidden size"),
+        intermediate=_first_key(config, layout.intermediate_keys, "expert intermediate size"),
+    )
+
+
+def moe_layer_indices(config: dict[str, Any]) -> list[int]:
+    """Decoder layers whose MLP is a routed MoE block (others are dense MLPs)."""
+    n = int(config["num_hidden_layers"])
+    model_type = config.get("model_type", "")
+    if model_type in ("qwen3_moe", "qwen2_moe"):
+        step = int(config.get("decoder_sparse_step", 1) or 1)
+        dense = set(config.get("mlp_only_layers") or [])
+        return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
+    if model_type == "deepseek_v2":
+        first_dense = int(config.get("first_k_dense_replace", 0) or 0)
+        freq = int(config.get("moe_layer_freq", 1) or 1)
+        return [i for i in range(n) if i >= first_dense and i % freq == 0]
+    moe_layout(model_type)  # raises for unsupported types
+    return list(range(n))
+
+
+def expected_layer_tensors(model_type: str, layer_index: int, spec: LayerSpec, dims: MoEDims,
                            model_dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Name -> (shape, dtype) of every tensor a decomposed layer stores, `prefix` = 'model.layers.L.mlp'."""
-    r, h, i = spec.rank, hidden, intermediate
+    """Name -> (shape, dtype) of every expert tensor a decomposed layer stores (router excluded)."""
+    layout = moe_layout(model_type)
+    prefix = f"model.layers.{layer_index}.{layout.moe_module}"
+    projections = ((layout.gate_proj, "in"), (layout.up_proj, "in"), (layout.down_proj, "out"))
+    r, h, i = spec.rank, dims.hidden, dims.intermediate
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     if spec.form == "shared_basis":
         out[f"{prefix}.moe_svd_in.weight"] = ((r, h), spec.basis_dtype)
         out[f"{prefix}.moe_svd_out.weight"] = ((h, r), spec.basis_dtype)
         for k in range(spec.num_banks):
-            out[f"{prefix}.experts.{k}.gate_proj.weight"] = ((i, r), model_dtype)
-            out[f"{prefix}.experts.{k}.up_proj.weight"] = ((i, r), model_dtype)
-            out[f"{prefix}.experts.{k}.down_proj.weight"] = ((r, i), model_dtype)
+            for name, side in projections:
+                shape = (i, r) if side == "in" else (r, i)
+                out[f"{prefix}.experts.{k}.{name}.weight"] = (shape, model_dtype)
     else:
         for e in range(spec.num_experts):
-            for proj, (rows, cols) in (("gate_proj", (i, h)), ("up_proj", (i, h)),
-                                       ("down_proj", (h, i))):
-                out[f"{prefix}.experts.{e}.{proj}.lora_a"] = ((r, cols), model_dtype)
-                out[f"{prefix}.experts.{e}.{proj}.lora_b"] = ((rows, r), model_dtype)
+            for name, side in projections:
+                rows, cols = (i, h) if side == "in" else (h, i)
+                out[f"{prefix}.experts.{e}.{name}.lora_a"] = ((r, cols), model_dtype)
+                out[f"{prefix}.experts.{e}.{name}.lora_b"] = ((rows, r), model_dtype)
     return out
 
 
-def shared_basis_params(spec: LayerSpec, hidden: int, intermediate: int) -> int:
+def decomposed_layer_params(spec: LayerSpec, dims: MoEDims) -> int:
     """Expert parameters of a decomposed layer (bases + factors), as counted in ParamCounts."""
-    r = spec.rank
+    r, h, i = spec.rank, dims.hidden, dims.intermediate
     if spec.form == "shared_basis":
-        return 2 * r * hidden + spec.num_banks * 3 * intermediate * r
-    return spec.num_experts * r * 3 * (hidden + intermediate)
+        return 2 * r * h + spec.num_banks * 3 * i * r
+    return spec.num_experts * r * 3 * (h + i)
+
+
+def dense_layer_params(dims: MoEDims) -> int:
+    """Routed-expert parameters of one dense MoE layer (gate, up, down of every expert)."""
+    return dims.num_experts * 3 * dims.intermediate * dims.hidden
 
 
 def read_moe_svd_config(model_dir: str | os.PathLike) -> MoESVDConfig | None:
