@@ -1,0 +1,396 @@
+"""PyTorch reference for every checkpoint this project reads: the ground truth of the compressed math.
+
+`load_reference_model(model_dir)` returns a transformers causal LM:
+
+* dense checkpoint (no `moe_svd` block): plain `AutoModelForCausalLM.from_pretrained`;
+* compressed checkpoint: the ORIGINAL architecture is built from config.json (`moe_svd` removed,
+  `architectures` set back to `moe_svd.original_architectures`), and in each decomposed layer the MoE
+  block's `experts` module is replaced by `SharedBasisExperts` or `PerExpertLowRankExperts`.
+
+Only `experts` is replaced, so routing is the original block's own code: its router (softmax / sigmoid /
+sparsemixer, top-k, renormalisation rules), shared experts (qwen2_moe, deepseek_v2) and output scaling
+all stay as transformers implements them, and every routing decision uses the full hidden state x.
+A transformers 5 MoE block calls `experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`;
+the replacements keep that signature. Expert e of a shared_basis layer computes
+
+    B @ down_k( act(gate_k(A x)) * up_k(A x) ),   k = bank_map[e],  A = moe_svd_in [r, H], B = moe_svd_out [H, r]
+
+and the routing-weighted sum over the selected experts is taken in the rank space before B is applied
+(B is linear, so this equals applying B per expert). A per_expert layer computes
+W_e x ~= lora_b (lora_a x) for each of gate, up and down.
+
+Every decomposed layer's tensors are checked against `schema.expected_layer_tensors` first; a missing,
+unexpected or wrongly shaped tensor fails with an error naming the layer and the tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from moesvd_vllm.schema import (
+    CONFIG_KEY,
+    LayerSpec,
+    MoEDims,
+    MoESVDConfig,
+    SchemaError,
+    expected_layer_tensors,
+    moe_dims,
+    moe_layer_indices,
+    moe_layout,
+    read_moe_svd_config,
+)
+from offline.expert_tensors import (
+    CheckpointTensors,
+    moe_prefix,
+    per_expert_names,
+    read_config,
+    read_layer_experts,
+    torch_dtype,
+)
+
+logger = logging.getLogger(__name__)
+
+ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+# On-disk (Hub) tensor names -> transformers 5 module names, where they differ (non-expert tensors only;
+# transformers' own loader applies the same renames). Applied in order.
+_HUB_TO_MODULE_RENAMES: dict[str, list[tuple[str, str]]] = {
+    "mixtral": [(r"\.block_sparse_moe\.", ".mlp.")],
+    "phimoe": [(r"\.block_sparse_moe\.", ".mlp."), (r"\.mlp\.gate\.weight$", ".mlp.router.weight")],
+}
+
+
+class CheckpointError(ValueError):
+    """A compressed checkpoint's tensors do not match its `moe_svd` block."""
+
+
+def combine_selected_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                             top_k_weights: torch.Tensor, num_experts: int, out_features: int,
+                             expert_fn: ExpertFn) -> torch.Tensor:
+    """sum_j top_k_weights[t, j] * expert_fn(top_k_index[t, j], x_t) for every token t.
+
+    Same dispatch as transformers' eager experts: ids >= num_experts (padding) are skipped, outputs are
+    weighted in the expert's dtype and accumulated in the input's dtype.
+    """
+    output = hidden_states.new_zeros(hidden_states.shape[0], out_features)
+    for expert in torch.unique(top_k_index).tolist():
+        if expert >= num_experts:
+            continue
+        token_idx, slot = torch.where(top_k_index == expert)
+        expert_out = expert_fn(expert, hidden_states[token_idx])
+        expert_out = expert_out * top_k_weights[token_idx, slot, None]
+        output.index_add_(0, token_idx, expert_out.to(output.dtype))
+    return output
+
+
+def _frozen(tensor: torch.Tensor, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(tensor.to(dtype).contiguous(), requires_grad=False)
+
+
+class SharedBasisExperts(nn.Module):
+    """Routed experts sharing an input basis A and an output basis B, with K banks of factors."""
+
+    def __init__(self, input_basis: torch.Tensor, output_basis: torch.Tensor, gate: torch.Tensor,
+                 up: torch.Tensor, down: torch.Tensor, bank_map: list[int],
+                 act_fn: Callable[[torch.Tensor], torch.Tensor], *, dtype: torch.dtype,
+                 basis_dtype: torch.dtype):
+        super().__init__()
+        self.input_basis = _frozen(input_basis, basis_dtype)  # A [r, H]
+        self.output_basis = _frozen(output_basis, basis_dtype)  # B [H, r]
+        self.gate = _frozen(gate, dtype)  # [K, I, r]
+        self.up = _frozen(up, dtype)  # [K, I, r]
+        self.down = _frozen(down, dtype)  # [K, r, I]
+        self.register_buffer("bank_map", torch.tensor(bank_map, dtype=torch.long), persistent=False)
+        self.num_experts = len(bank_map)
+        self.rank = self.input_basis.shape[0]
+        self.act_fn = act_fn
+
+    def _bank_expert(self, expert: int, latent: torch.Tensor) -> torch.Tensor:
+        bank = int(self.bank_map[expert])
+        hidden = self.act_fn(F.linear(latent, self.gate[bank])) * F.linear(latent, self.up[bank])
+        return F.linear(hidden, self.down[bank])
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        latent = F.linear(hidden_states.to(self.input_basis.dtype), self.input_basis)
+        latent = latent.to(self.gate.dtype)
+        latent_out = combine_selected_experts(latent, top_k_index, top_k_weights, self.num_experts,
+                                              self.rank, self._bank_expert)
+        output = F.linear(latent_out.to(self.output_basis.dtype), self.output_basis)
+        return output.to(hidden_states.dtype)
+
+    def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The equivalent dense experts: gate/up [E, I, H] = factor @ A, down [E, H, I] = B @ factor."""
+        a, b = self.input_basis.double(), self.output_basis.double()
+        banks = self.bank_map
+        return (self.gate.double()[banks] @ a, self.up.double()[banks] @ a, b @ self.down.double()[banks])
+
+
+class PerExpertLowRankExperts(nn.Module):
+    """Routed experts whose every projection is W_e ~= lora_b @ lora_a (no sharing)."""
+
+    def __init__(self, factors: dict[str, torch.Tensor], act_fn: Callable[[torch.Tensor], torch.Tensor],
+                 *, dtype: torch.dtype):
+        super().__init__()
+        # gate_a/up_a [E, r, H], gate_b/up_b [E, I, r], down_a [E, r, I], down_b [E, H, r]
+        for name in ("gate_a", "gate_b", "up_a", "up_b", "down_a", "down_b"):
+            setattr(self, name, _frozen(factors[name], dtype))
+        self.num_experts = self.gate_a.shape[0]
+        self.hidden_size = self.down_b.shape[1]
+        self.act_fn = act_fn
+
+    def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate = F.linear(F.linear(x, self.gate_a[expert]), self.gate_b[expert])
+        up = F.linear(F.linear(x, self.up_a[expert]), self.up_b[expert])
+        hidden = self.act_fn(gate) * up
+        return F.linear(F.linear(hidden, self.down_a[expert]), self.down_b[expert])
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.to(self.gate_a.dtype)
+        output = combine_selected_experts(x, top_k_index, top_k_weights, self.num_experts,
+                                          self.hidden_size, self._expert)
+        return output.to(hidden_states.dtype)
+
+    def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d = {name: getattr(self, name).double() for name in ("gate_a", "gate_b", "up_a", "up_b",
+                                                             "down_a", "down_b")}
+        return d["gate_b"] @ d["gate_a"], d["up_b"] @ d["up_a"], d["down_b"] @ d["down_a"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_reference_model(model_dir: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32,
+                         attn_implementation: str | None = None) -> PreTrainedModel:
+    """Load a dense, shared_basis or per_expert checkpoint as a transformers model in eval mode.
+
+    Bases are kept in float32 when either the model dtype or the stored basis dtype is float32.
+    """
+    dtype = torch_dtype(dtype)
+    block = read_moe_svd_config(model_dir)
+    if block is None:
+        kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
+        return model.eval()
+    return _load_compressed(Path(model_dir), block, dtype, attn_implementation)
+
+
+def original_config(model_dir: str | os.PathLike):
+    """The transformers config of the original architecture (moe_svd block removed, architectures reset)."""
+    config = read_config(model_dir)
+    block = config.pop(CONFIG_KEY, None)
+    if block is not None:
+        config["architectures"] = list(MoESVDConfig.from_dict(block).original_architectures)
+    model_type = config.pop("model_type", None)
+    if model_type is None:
+        raise SchemaError(f"{model_dir}/config.json has no model_type")
+    return AutoConfig.for_model(model_type, **config)
+
+
+def _load_compressed(model_dir: Path, block: MoESVDConfig, dtype: torch.dtype,
+                     attn_implementation: str | None) -> PreTrainedModel:
+    raw_config = read_config(model_dir)
+    model_type = raw_config["model_type"]
+    dims = moe_dims(raw_config)
+    _check_decomposed_layers_are_moe(raw_config, block)
+    tensors = CheckpointTensors(model_dir)
+    model_dtype = _declared_model_dtype(raw_config)
+    for layer_index in block.decomposed_layers:
+        validate_layer_tensors(tensors, model_type, layer_index, block.layer(layer_index), dims, model_dtype)
+
+    config = original_config(model_dir)
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    model.eval()
+
+    consumed: set[str] = set()
+    for layer_index in block.decomposed_layers:
+        spec = block.layer(layer_index)
+        moe_block = _moe_block(model, layer_index)
+        experts, names = _build_compressed_experts(tensors, model_type, layer_index, spec, dims,
+                                                   moe_block.experts.act_fn, dtype)
+        moe_block.experts = experts
+        consumed.update(names)
+    for layer_index in moe_layer_indices(raw_config):
+        if block.layer(layer_index) is None:
+            consumed.update(_load_dense_experts(tensors, model_type, layer_index, dims,
+                                                _moe_block(model, layer_index).experts))
+    filled = _parameter_names_of(model, [_moe_block(model, i).experts for i in moe_layer_indices(raw_config)])
+    _load_remaining_tensors(model, tensors, model_type, consumed, filled)
+    logger.info("reference model for %s: %s, %d decomposed layer(s)", model_dir, block.method,
+                len(block.decomposed_layers))
+    return model
+
+
+def _declared_model_dtype(config: dict) -> str | None:
+    declared = config.get("dtype") or config.get("torch_dtype")
+    return None if declared is None else str(declared).removeprefix("torch.")
+
+
+def _check_decomposed_layers_are_moe(config: dict, block: MoESVDConfig) -> None:
+    moe_layers = set(moe_layer_indices(config))
+    dims = moe_dims(config)
+    for layer_index in block.decomposed_layers:
+        if layer_index not in moe_layers:
+            raise CheckpointError(f"{CONFIG_KEY}.layers.{layer_index}: layer {layer_index} is not a MoE layer "
+                                  f"of this model (MoE layers: {sorted(moe_layers)})")
+        spec = block.layer(layer_index)
+        if spec.num_experts != dims.num_experts:
+            raise CheckpointError(f"{CONFIG_KEY}.layers.{layer_index}.num_experts is {spec.num_experts}, "
+                                  f"config.json says {dims.num_experts} routed experts")
+
+
+def validate_layer_tensors(tensors: CheckpointTensors, model_type: str, layer_index: int, spec: LayerSpec,
+                           dims: MoEDims, model_dtype: str | None) -> None:
+    """Every tensor the schema expects is stored with its shape (and dtype); nothing else under experts."""
+    expected = expected_layer_tensors(model_type, layer_index, spec, dims, model_dtype or "")
+    where = f"{tensors.model_dir}: layer {layer_index} ({spec.form}, rank {spec.rank})"
+    missing = sorted(name for name in expected if name not in tensors)
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
+                              "the checkpoint is incomplete or does not match its moe_svd block: re-compress")
+    prefix = moe_prefix(model_type, layer_index)
+    owned = [n for n in tensors.names()
+             if n.startswith(f"{prefix}.experts.") or n.startswith(f"{prefix}.moe_svd_")]
+    unexpected = sorted(set(owned) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected tensor(s) {unexpected[:4]}"
+                              f"{' ...' if len(unexpected) > 4 else ''} not described by the moe_svd block")
+    for name, (shape, dtype) in expected.items():
+        stored = tensors.shape(name)
+        if stored != tuple(shape):
+            raise CheckpointError(f"{where}: tensor {name} has shape {list(stored)}, expected {list(shape)}")
+        if model_dtype is not None and tensors.dtype(name) != dtype:
+            raise CheckpointError(f"{where}: tensor {name} is stored as {tensors.dtype(name)}, the schema "
+                                  f"expects {dtype}")
+
+
+def _moe_block(model: PreTrainedModel, layer_index: int) -> nn.Module:
+    layer = model.model.layers[layer_index]
+    for attribute in ("mlp", "block_sparse_moe"):
+        block = getattr(layer, attribute, None)
+        if block is not None and hasattr(block, "experts"):
+            return block
+    raise CheckpointError(f"layer {layer_index} of {type(model).__name__} has no MoE block with `experts`")
+
+
+def _stack(tensors: CheckpointTensors, names: list[str]) -> torch.Tensor:
+    return torch.stack([tensors.get(name) for name in names])
+
+
+def _build_compressed_experts(tensors: CheckpointTensors, model_type: str, layer_index: int,
+                              spec: LayerSpec, dims: MoEDims, act_fn, dtype: torch.dtype):
+    layout = moe_layout(model_type)
+    prefix = moe_prefix(model_type, layer_index)
+    projections = {"gate": layout.gate_proj, "up": layout.up_proj, "down": layout.down_proj}
+    if spec.form == "shared_basis":
+        in_name, out_name = f"{prefix}.moe_svd_in.weight", f"{prefix}.moe_svd_out.weight"
+        factors = {
+            what: _stack(tensors, [f"{prefix}.experts.{k}.{proj}.weight" for k in range(spec.num_banks)])
+            for what, proj in projections.items()}
+        basis_dtype = torch.promote_types(torch_dtype(spec.basis_dtype), dtype)
+        module = SharedBasisExperts(tensors.get(in_name), tensors.get(out_name), factors["gate"],
+                                    factors["up"], factors["down"], spec.bank_map, act_fn, dtype=dtype,
+                                    basis_dtype=basis_dtype)
+    else:
+        factors = {}
+        for what, proj in projections.items():
+            stems = [f"{prefix}.experts.{e}.{proj}" for e in range(spec.num_experts)]
+            factors[f"{what}_a"] = _stack(tensors, [f"{s}.lora_a" for s in stems])
+            factors[f"{what}_b"] = _stack(tensors, [f"{s}.lora_b" for s in stems])
+        module = PerExpertLowRankExperts(factors, act_fn, dtype=dtype)
+    return module, set(expected_layer_tensors(model_type, layer_index, spec, dims, ""))
+
+
+def _load_dense_experts(tensors: CheckpointTensors, model_type: str, layer_index: int, dims: MoEDims,
+                        experts: nn.Module) -> list[str]:
+    """Fill a non-decomposed layer's fused transformers experts from the checkpoint."""
+    dense = read_layer_experts(tensors, model_type, layer_index, dims)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.cat([dense.gate, dense.up], dim=1))
+        experts.down_proj.copy_(dense.down)
+    return dense.source_names
+
+
+def hub_to_module_name(model_type: str, name: str) -> str:
+    for pattern, replacement in _HUB_TO_MODULE_RENAMES.get(model_type, []):
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def _load_remaining_tensors(model: PreTrainedModel, tensors: CheckpointTensors, model_type: str,
+                            consumed: set[str], filled: set[str]) -> None:
+    """Load every not-yet-consumed tensor by name; fail on unused, missing or wrongly shaped tensors.
+
+    `filled`: model parameter names already set (the experts of every MoE layer).
+    """
+    state = {hub_to_module_name(model_type, name): tensors.get(name)
+             for name in tensors.names() if name not in consumed}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # size mismatches
+        raise CheckpointError(f"{tensors.model_dir}: {error}") from None
+    if result.unexpected_keys:
+        unexpected = sorted(result.unexpected_keys)
+        raise CheckpointError(f"{tensors.model_dir}: tensor(s) the model does not use: {unexpected[:4]}"
+                              f"{' ...' if len(unexpected) > 4 else ''}")
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(result.missing_keys) - filled - tied)
+    if missing:
+        raise CheckpointError(f"{tensors.model_dir}: tensor(s) missing from the checkpoint: {missing[:4]}"
+                              f"{' ...' if len(missing) > 4 else ''}")
+    if tied:
+        model.tie_weights()
+
+
+def _parameter_names_of(model: nn.Module, modules: list[nn.Module]) -> set[str]:
+    owned = {id(p) for module in modules for p in module.parameters()}
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in owned}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Debugging helpers
+
+
+def expand_to_dense_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The dense checkpoint (Hub names, float32 experts) that computes exactly what `model_dir` computes.
+
+    Decomposed experts become W_gate = gate_k A, W_up = up_k A, W_down = B down_k (shared_basis) or
+    lora_b lora_a (per_expert); every other tensor is copied. Load it into the original architecture to
+    compare a compressed checkpoint with plain transformers.
+    """
+    block = read_moe_svd_config(model_dir)
+    tensors = CheckpointTensors(model_dir)
+    if block is None:
+        return {name: tensors.get(name) for name in tensors.names()}
+    raw_config = read_config(model_dir)
+    model_type, dims = raw_config["model_type"], moe_dims(raw_config)
+    out: dict[str, torch.Tensor] = {}
+    consumed: set[str] = set()
+    for layer_index in block.decomposed_layers:
+        spec = block.layer(layer_index)
+        validate_layer_tensors(tensors, model_type, layer_index, spec, dims, None)
+        experts, names = _build_compressed_experts(tensors, model_type, layer_index, spec, dims,
+                                                   nn.SiLU(), torch.float64)
+        consumed.update(names)
+        gate, up, down = experts.dense_weights()
+        for expert in range(dims.num_experts):
+            gate_name, up_name, down_name = per_expert_names(model_type, layer_index, expert)
+            out[gate_name] = gate[expert].float()
+            out[up_name] = up[expert].float()
+            out[down_name] = down[expert].float()
+    for name in tensors.names():
+        if name not in consumed:
+            out[name] = tensors.get(name)
+    return out
