@@ -1,0 +1,206 @@
+"""Evaluate the bundled model: perplexity vs a unigram baseline, and how its router spreads tokens.
+
+    python -m offline.bundled.evaluate [--model-dir DIR] [--max-windows N] [--json OUT.json]
+
+Perplexity is measured in float32 on non-overlapping windows of the training sequence length cut from
+the split's token stream (documents joined with the end-of-text token); every token of a window except
+the first is a target. The unigram baseline predicts the same targets from the train split's token
+frequencies with add-one smoothing over the whole vocabulary. Routing frequency counts, per layer, how
+often each expert is among the top-k choices of a test token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from offline.bundled.corpus import read_documents
+
+LOG = logging.getLogger(__name__)
+
+END_OF_TEXT = "<|endoftext|>"
+TRAIN_SEQ_LEN = 256  # the bundled model's training window; evaluation uses the same
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+
+
+def token_stream(tokenizer: Tokenizer, documents: list[str]) -> torch.Tensor:
+    """All documents' token ids in order, each document followed by the end-of-text token."""
+    eos_id = tokenizer.token_to_id(END_OF_TEXT)
+    if eos_id is None:
+        raise ValueError(f"tokenizer has no {END_OF_TEXT!r} token")
+    ids: list[int] = []
+    for encoding in tokenizer.encode_batch(documents):
+        ids.extend(encoding.ids)
+        ids.append(eos_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def split_windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping [n, seq_len] windows from the start of the stream (the tail that does not fill one is dropped)."""
+    count = stream.numel() // seq_len
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count == 0:
+        raise ValueError(f"stream of {stream.numel()} tokens holds no window of {seq_len}")
+    return stream[: count * seq_len].view(count, seq_len)
+
+
+@torch.no_grad()
+def model_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 16) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of every window's tokens after the first, and their count."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size]
+        logits = model(input_ids=batch).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += nll.item()
+        count += batch[:, 1:].numel()
+    return total, count
+
+
+def unigram_log_probs(train_stream: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Log-probabilities of each token id from train-split frequencies, add-one smoothed."""
+    counts = torch.bincount(train_stream, minlength=vocab_size).double() + 1.0
+    return (counts / counts.sum()).log()
+
+
+def unigram_nll(log_probs: torch.Tensor, windows: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL of the same targets model_nll scores (all window tokens after the first)."""
+    targets = windows[:, 1:].reshape(-1)
+    return -log_probs[targets].sum().item(), targets.numel()
+
+
+@dataclass
+class LayerRouting:
+    layer: int
+    frequencies: list[float]  # share of top-k assignments per expert, sums to 1
+    max_over_min: float
+    entropy: float  # nats
+    max_entropy: float  # log(num_experts)
+
+    @property
+    def entropy_ratio(self) -> float:
+        return self.entropy / self.max_entropy
+
+
+@torch.no_grad()
+def routing_frequencies(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 16) -> list[LayerRouting]:
+    """Per layer, how often each expert is chosen (top-k of the router) over all tokens of the windows."""
+    config = model.config
+    num_experts, top_k = config.num_experts, config.num_experts_per_tok
+    counts: list[torch.Tensor] | None = None
+    model.eval()
+    for start in range(0, windows.shape[0], batch_size):
+        out = model(input_ids=windows[start : start + batch_size], output_router_logits=True)
+        layer_logits = out.router_logits
+        if counts is None:
+            counts = [torch.zeros(num_experts, dtype=torch.float64) for _ in layer_logits]
+        for layer, logits in enumerate(layer_logits):
+            chosen = logits.topk(top_k, dim=-1).indices.reshape(-1)
+            counts[layer] += torch.bincount(chosen, minlength=num_experts).double()
+    assert counts is not None
+    result = []
+    for layer, layer_counts in enumerate(counts):
+        freq = layer_counts / layer_counts.sum()
+        nonzero = freq[freq > 0]
+        entropy = float(-(nonzero * nonzero.log()).sum())
+        min_freq = float(freq.min())
+        result.append(LayerRouting(
+            layer=layer,
+            frequencies=[round(float(f), 5) for f in freq],
+            max_over_min=float(freq.max()) / min_freq if min_freq > 0 else math.inf,
+            entropy=entropy,
+            max_entropy=math.log(num_experts),
+        ))
+    return result
+
+
+@dataclass
+class SplitPerplexity:
+    split: str
+    targets: int
+    model_ppl: float
+    unigram_ppl: float
+
+    @property
+    def ratio(self) -> float:
+        return self.model_ppl / self.unigram_ppl
+
+
+def load_model(model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    return model
+
+
+def evaluate_split(model, tokenizer: Tokenizer, split: str, seq_len: int, unigram: torch.Tensor,
+                   max_windows: int | None = None) -> SplitPerplexity:
+    windows = split_windows(token_stream(tokenizer, read_documents(split)), seq_len, max_windows)
+    model_total, count = model_nll(model, windows)
+    unigram_total, unigram_count = unigram_nll(unigram, windows)
+    assert count == unigram_count
+    return SplitPerplexity(split, count, math.exp(model_total / count), math.exp(unigram_total / count))
+
+
+def evaluate(model_dir: Path, max_windows: int | None = None, seq_len: int = TRAIN_SEQ_LEN) -> dict:
+    """All numbers of docs/bundled-model.md: perplexities (validation, test) and test routing spread."""
+    model = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    unigram = unigram_log_probs(token_stream(tokenizer, read_documents("train")), model.config.vocab_size)
+    perplexities = [evaluate_split(model, tokenizer, split, seq_len, unigram, max_windows)
+                    for split in ("validation", "test")]
+    test_windows = split_windows(token_stream(tokenizer, read_documents("test")), seq_len, max_windows)
+    routing = routing_frequencies(model, test_windows)
+    return {
+        "seq_len": seq_len,
+        "perplexity": [dict(asdict(p), ratio=p.ratio) for p in perplexities],
+        "routing_test": [dict(asdict(r), entropy_ratio=r.entropy_ratio) for r in routing],
+    }
+
+
+def format_report(numbers: dict) -> str:
+    lines = ["| split | targets | model ppl | unigram ppl | model / unigram |", "|---|---|---|---|---|"]
+    for p in numbers["perplexity"]:
+        lines.append(f"| {p['split']} | {p['targets']} | {p['model_ppl']:.2f} | {p['unigram_ppl']:.2f} | {p['ratio']:.3f} |")
+    lines += ["", "| layer | max/min freq | entropy / log(E) | frequencies |", "|---|---|---|---|"]
+    for r in numbers["routing_test"]:
+        freqs = " ".join(f"{f:.3f}" for f in r["frequencies"])
+        lines.append(f"| {r['layer']} | {r['max_over_min']:.2f} | {r['entropy_ratio']:.4f} | {freqs} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from offline.bundled import bundled_model_dir
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, default=None, help="default: the bundled model")
+    parser.add_argument("--max-windows", type=int, default=None, help="evaluate only this many windows per split")
+    parser.add_argument("--seq-len", type=int, default=TRAIN_SEQ_LEN)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.threads)
+    numbers = evaluate(args.model_dir or bundled_model_dir(), args.max_windows, args.seq_len)
+    if args.json is not None:
+        args.json.write_text(json.dumps(numbers, indent=2) + "\n")
+    LOG.info("results:\n%s", format_report(numbers))
+
+
+if __name__ == "__main__":
+    main()
