@@ -1,0 +1,255 @@
+"""Calibration data and the per-layer statistics MoE-SVD needs.
+
+Data: a text file, a directory of .txt/.jsonl files ("text" field), or, only with network access, a
+Hugging Face `datasets` name ("wikitext:wikitext-2-raw-v1:train"). The text is tokenized with the model's
+tokenizer and `num_samples` windows of `seq_len` tokens are drawn with a seeded generator; the sha256 of
+the token ids is recorded in `CalibrationInfo`.
+
+Statistics (per MoE layer, `ExpertStatistics`), gathered by a forward pre-hook on the layer's routed
+`experts` module, which receives the MoE block input x [T, H] and the router's top-k choice [T, k]:
+* routing counts for f_i (Eq. 9): tokens whose top-k contains expert i, padding excluded;
+* activation-outlier ratio a_i (Eq. 10): the share of the expert's intermediate activations
+  act(W_gate x) * (W_up x) whose magnitude exceeds tau times their mean magnitude;
+* Gram matrices in float64 (App. D.2): X_i^T X_i of the tokens routed to expert i (input of gate/up) and
+  Y_i^T Y_i of the expert's intermediate activations (input of down), plus the whole layer's X^T X.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moesvd_vllm.schema import CalibrationInfo
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+class CalibrationError(ValueError):
+    """Calibration data is missing, unreadable or too short."""
+
+
+# ------------------------------------------------------------------------------------------ data
+def _read_jsonl(path: Path) -> list[str]:
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise CalibrationError(f"{path}:{number}: expected a JSON object with a string 'text' field")
+        texts.append(record["text"])
+    return texts
+
+
+def _read_dataset(name: str) -> list[str]:
+    """`datasets` name "path[:config[:split]]"; needs the `datasets` package and network access."""
+    try:
+        import datasets  # noqa: PLC0415 (optional, heavy)
+    except ImportError:
+        raise CalibrationError(
+            f"{name!r} is not a file or directory, and the `datasets` package is not installed to load it "
+            "as a dataset name; pass a .txt/.jsonl file or a directory of them") from None
+    path, config, split = (name.split(":") + [None, None])[:3]
+    try:
+        data = datasets.load_dataset(path, config, split=split or "train")
+    except Exception as exc:  # network, unknown name, ...
+        raise CalibrationError(f"could not load dataset {name!r}: {exc}; pass a local text file instead") from exc
+    return [t for t in data["text"] if t.strip()]
+
+
+def read_calibration_texts(source: str | os.PathLike) -> list[str]:
+    """Documents of a calibration source (file, directory, or dataset name)."""
+    path = Path(source)
+    if path.is_file():
+        texts = _read_jsonl(path) if path.suffix == ".jsonl" else [path.read_text(encoding="utf-8")]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise CalibrationError(f"calibration directory {path} holds no .txt or .jsonl files")
+        texts = [t for p in files for t in read_calibration_texts(p)]
+    else:
+        texts = _read_dataset(str(source))
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise CalibrationError(f"calibration source {source} holds no text")
+    return texts
+
+
+@dataclass
+class CalibrationSet:
+    input_ids: torch.Tensor  # [N, L] int64
+    attention_mask: torch.Tensor  # [N, L] int64, 1 = real token
+    info: CalibrationInfo
+
+
+def token_sha256(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str:
+    ids = torch.where(attention_mask.bool(), input_ids, torch.full_like(input_ids, -1))
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def tokenize_corpus(texts: list[str], tokenizer) -> torch.Tensor:
+    """All documents tokenized and concatenated, separated by the EOS token when the tokenizer has one."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(int(eos))
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def sample_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int,
+                   source: str) -> CalibrationSet:
+    """`num_samples` random windows of `seq_len` tokens (seeded) from one token stream."""
+    if num_samples <= 0 or seq_len <= 0:
+        raise CalibrationError(f"num_samples and seq_len must be positive, got {num_samples} x {seq_len}")
+    if tokens.numel() < seq_len:
+        raise CalibrationError(
+            f"calibration text {source} has {tokens.numel()} tokens, shorter than one sample of "
+            f"{seq_len} tokens; give more text or a smaller --seq-len")
+    if tokens.numel() < num_samples * seq_len:
+        logger.warning("calibration text has %d tokens for %d x %d samples: windows will overlap",
+                       tokens.numel(), num_samples, seq_len)
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seq_len + 1, (num_samples,), generator=generator)
+    input_ids = torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+    attention_mask = torch.ones_like(input_ids)
+    info = CalibrationInfo(source=source, sha256=token_sha256(input_ids, attention_mask),
+                           num_samples=num_samples, seq_len=seq_len, seed=seed)
+    return CalibrationSet(input_ids, attention_mask, info)
+
+
+def load_calibration(source: str | os.PathLike, model_dir: str | os.PathLike, num_samples: int,
+                     seq_len: int, seed: int) -> CalibrationSet:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as exc:
+        raise CalibrationError(f"{model_dir} has no usable tokenizer ({exc}); copy the model's tokenizer "
+                               "files into it") from exc
+    texts = read_calibration_texts(source)
+    tokens = tokenize_corpus(texts, tokenizer)
+    return sample_windows(tokens, num_samples, seq_len, seed, str(source))
+
+
+# ------------------------------------------------------------------------------------------ statistics
+@dataclass
+class ExpertStatistics:
+    """Per-expert calibration statistics of one MoE layer."""
+
+    num_experts: int
+    hidden: int
+    intermediate: int
+    collect_grams: bool = True
+    routed_tokens: torch.Tensor = field(init=False)  # [E] tokens routed to each expert (Eq. 9 numerator)
+    total_tokens: int = field(init=False, default=0)  # real (unpadded) tokens seen
+    abs_sum: torch.Tensor = field(init=False)  # [E] sum |activation| over the expert's activations
+    num_activations: torch.Tensor = field(init=False)  # [E]
+    gram_in: torch.Tensor | None = field(init=False, default=None)  # [E, H, H] float64
+    gram_mid: torch.Tensor | None = field(init=False, default=None)  # [E, I, I] float64
+    gram_layer: torch.Tensor | None = field(init=False, default=None)  # [H, H] all real tokens
+    outliers: torch.Tensor | None = field(init=False, default=None)  # [E] counts above tau*mean
+
+    def __post_init__(self) -> None:
+        e = self.num_experts
+        self.routed_tokens = torch.zeros(e, dtype=torch.int64)
+        self.abs_sum = torch.zeros(e, dtype=torch.float64)
+        self.num_activations = torch.zeros(e, dtype=torch.int64)
+        if self.collect_grams:
+            self.gram_in = torch.zeros(e, self.hidden, self.hidden, dtype=torch.float64)
+            self.gram_mid = torch.zeros(e, self.intermediate, self.intermediate, dtype=torch.float64)
+            self.gram_layer = torch.zeros(self.hidden, self.hidden, dtype=torch.float64)
+
+    @property
+    def frequency(self) -> torch.Tensor:
+        """f_i (Eq. 9): share of real tokens that routed to expert i (sums to top_k)."""
+        return self.routed_tokens.double() / max(self.total_tokens, 1)
+
+    @property
+    def mean_abs_activation(self) -> torch.Tensor:
+        return self.abs_sum / self.num_activations.clamp(min=1).double()
+
+    def outlier_ratio(self) -> torch.Tensor:
+        """a_i (Eq. 10); needs the outlier-counting sweep (`count_outliers`) to have run."""
+        if self.outliers is None:
+            raise RuntimeError("outlier counts were not collected for this layer")
+        return self.outliers.double() / self.num_activations.clamp(min=1).double()
+
+
+def expert_activations(experts: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """act(W_gate x) * (W_up x) of one expert of a transformers-5 fused experts module."""
+    gate, up = nn.functional.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+    return experts.act_fn(gate) * up
+
+
+class ExpertStatisticsHook:
+    """Forward pre-hook on a routed `experts` module that feeds `ExpertStatistics`.
+
+    Set `token_mask` ([B*L] bool, True = real token) before each batch; padding never counts.
+    With `outlier_threshold` set (tau * mean |activation| per expert, from a first sweep), the hook counts
+    outliers instead of accumulating sums and Grams.
+    """
+
+    def __init__(self, stats: ExpertStatistics, experts: nn.Module):
+        self.stats = stats
+        self.experts = experts
+        self.token_mask: torch.Tensor | None = None
+        self.outlier_threshold: torch.Tensor | None = None
+        self._handle = experts.register_forward_pre_hook(self._hook)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        hidden, top_k_index = args[0], args[1]
+        if self.token_mask is None:
+            raise RuntimeError("ExpertStatisticsHook.token_mask must be set before running a batch")
+        mask = self.token_mask.reshape(-1)
+        hidden, top_k_index = hidden[mask], top_k_index[mask]
+        with torch.no_grad():
+            if self.outlier_threshold is None:
+                self._accumulate(hidden, top_k_index)
+            else:
+                self._count_outliers(hidden, top_k_index)
+
+    def _accumulate(self, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
+        s = self.stats
+        s.total_tokens += hidden.shape[0]
+        if s.gram_layer is not None:
+            x64 = hidden.double()
+            s.gram_layer += x64.T @ x64
+        for expert in range(s.num_experts):
+            routed = (top_k_index == expert).any(dim=-1)
+            count = int(routed.sum())
+            if count == 0:
+                continue
+            x = hidden[routed]
+            act = expert_activations(self.experts, expert, x)
+            s.routed_tokens[expert] += count
+            s.abs_sum[expert] += act.abs().double().sum()
+            s.num_activations[expert] += act.numel()
+            if s.gram_in is not None:
+                x64, a64 = x.double(), act.double()
+                s.gram_in[expert] += x64.T @ x64
+                s.gram_mid[expert] += a64.T @ a64
+
+    def _count_outliers(self, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
+        s = self.stats
+        if s.outliers is None:
+            s.outliers = torch.zeros(s.num_experts, dtype=torch.int64)
+        for expert in range(s.num_experts):
+            routed = (top_k_index == expert).any(dim=-1)
+            if not routed.any():
+                continue
+            act = expert_activations(self.experts, expert, hidden[routed])
+            s.outliers[expert] += int((act.abs() > self.outlier_threshold[expert]).sum())

@@ -1,0 +1,211 @@
+"""The linear algebra of MoE-SVD: whitening, truncated SVD, shared bases, factor fits and U-trimming.
+
+Conventions: a weight W is [out, in] (nn.Linear); a Gram matrix C = X^T X is [in, in] over the rows x of
+the inputs (tokens), accumulated in float64. Whitening S is the lower Cholesky factor, S S^T = C, so
+||(W - W') X^T||_F = ||(W - W') S||_F (App. D.2: the activation-weighted matrix W S, Eq. 11-12).
+All computation is float64; callers cast the results to the stored dtypes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class WhiteningError(ValueError):
+    """A Gram matrix is not positive definite even after repair."""
+
+
+# ------------------------------------------------------------------------------------------ whitening
+def _jitter_scale(gram: torch.Tensor) -> float:
+    diag = torch.diagonal(gram)
+    scale = float(diag.abs().mean())
+    return scale if scale > 0 else 1.0
+
+
+def make_positive_definite(gram: torch.Tensor, where: str, *, tolerance: float = 1e-6,
+                           max_attempts: int = 6) -> torch.Tensor:
+    """Algorithm 5 (MakePositiveDefinite): symmetrise, lift the spectrum above `tolerance` (relative to
+    the mean diagonal), retry with 10x the jitter up to `max_attempts` times; logged with `where`."""
+    if not torch.isfinite(gram).all():
+        raise WhiteningError(
+            f"{where}: the Gram matrix has NaN/inf entries and cannot be made positive definite; the model "
+            "produced non-finite activations on the calibration data (check the checkpoint and dtype)")
+    if not gram.abs().sum() > 0:
+        raise WhiteningError(f"{where}: the Gram matrix is all zeros (no calibration tokens reached it); "
+                             "use more or different calibration data")
+    sym = (gram + gram.T) / 2
+    eigenvalues, eigenvectors = torch.linalg.eigh(sym)
+    scale = _jitter_scale(sym)
+    jitter = tolerance * scale
+    for attempt in range(max_attempts):
+        lifted = torch.clamp(eigenvalues, min=0.0) + jitter
+        repaired = (eigenvectors * lifted) @ eigenvectors.T
+        repaired = (repaired + repaired.T) / 2
+        _, info = torch.linalg.cholesky_ex(repaired)
+        if int(info) == 0:
+            logger.warning("%s: Gram matrix not positive definite (min eigenvalue %.3e); repaired with "
+                           "eigenvalue clamp + jitter %.3e (attempt %d)", where,
+                           float(eigenvalues.min()), jitter, attempt + 1)
+            return repaired
+        jitter *= 10
+    raise WhiteningError(f"{where}: Gram matrix could not be made positive definite after {max_attempts} "
+                         "attempts; use more calibration samples")
+
+
+def whitening_factor(gram: torch.Tensor, where: str, *, tolerance: float = 1e-6) -> torch.Tensor:
+    """Lower-triangular S with S S^T = gram (repaired with Algorithm 5 when Cholesky fails)."""
+    gram = gram.double()
+    factor, info = torch.linalg.cholesky_ex((gram + gram.T) / 2)
+    if int(info) == 0 and torch.isfinite(factor).all():
+        return factor
+    return torch.linalg.cholesky(make_positive_definite(gram, where, tolerance=tolerance))
+
+
+def regularized_gram(gram: torch.Tensor, prior: torch.Tensor | None, prior_weight: float,
+                     damp: float) -> torch.Tensor:
+    """C + prior_weight * prior + damp * mean(diag) * I: keeps rarely routed experts well-posed."""
+    out = gram.double().clone()
+    if prior is not None and prior_weight > 0:
+        out += prior_weight * prior.double()
+    if damp > 0:
+        out += damp * _jitter_scale(out) * torch.eye(out.shape[0], dtype=out.dtype)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ SVD
+@dataclass
+class LowRank:
+    """W ~= b @ a, b [out, r], a [r, in] (the schema's lora_b / lora_a)."""
+
+    b: torch.Tensor
+    a: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return self.b @ self.a
+
+
+def truncated_svd(weight: torch.Tensor, rank: int, whitening: torch.Tensor | None = None) -> LowRank:
+    """Rank-`rank` approximation of `weight`; with `whitening` S, the activation-weighted SVD
+    (Eq. 11-12): W S = U Sigma V^T, W ~= U_r Sigma_r V_r^T S^{-1}. Sigma is split evenly between the
+    factors (sqrt on each side)."""
+    w = weight.double()
+    target = w if whitening is None else w @ whitening
+    u, sigma, vh = torch.linalg.svd(target, full_matrices=False)
+    rank = min(rank, sigma.numel())
+    root = sigma[:rank].sqrt()
+    b = u[:, :rank] * root
+    a = root[:, None] * vh[:rank]
+    if whitening is not None:
+        # a S^{-1}: solve a' S = a, i.e. S^T a'^T = a^T with S lower triangular
+        a = torch.linalg.solve_triangular(whitening.T, a.T, upper=True).T
+    return LowRank(b=b, a=a)
+
+
+def principal_rank(weight: torch.Tensor, threshold: float) -> int:
+    """r_i of Eq. 4: singular values above `threshold` times the largest (Algorithm 1)."""
+    sigma = torch.linalg.svdvals(weight.double())
+    return int((sigma > threshold * sigma.max()).sum())
+
+
+# ------------------------------------------------------------------------------------------ shared bases
+def _top_eigenvectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """Columns: eigenvectors of the symmetric `matrix` for its `rank` largest eigenvalues."""
+    _, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return vectors[:, -rank:].flip(-1)
+
+
+def orthonormal_rows(basis: torch.Tensor) -> torch.Tensor:
+    """Same row space, orthonormal rows (better conditioned factors; the least-squares fit is unchanged)."""
+    q, _ = torch.linalg.qr(basis.T)
+    return q.T
+
+
+def stacked_input_basis(in_weights: list[torch.Tensor], token_counts: torch.Tensor,
+                        layer_gram: torch.Tensor, rank: int, where: str) -> torch.Tensor:
+    """A [r, H]: the top-r right singular subspace of all experts' gate and up rows, stacked, whitened
+    by the layer's input Gram and weighted by sqrt(f_e) (V-sharing, Eq. 5-6, with a shared subspace
+    in place of the most frequent expert's). `in_weights[e]` is [gate_e; up_e] ([2I, H])."""
+    whitening = whitening_factor(layer_gram / max(float(token_counts.sum()), 1.0), f"{where} layer input")
+    total = float(token_counts.sum()) or 1.0
+    h = whitening.shape[0]
+    moment = torch.zeros(h, h, dtype=torch.float64)
+    for weight, count in zip(in_weights, token_counts.tolist()):
+        ws = weight.double() @ whitening
+        moment += (count / total) * (ws.T @ ws)  # sum_e f_e (W_e S)^T (W_e S)
+    top = _top_eigenvectors(moment, rank)  # V_r in whitened coordinates [H, r]
+    basis = torch.linalg.solve_triangular(whitening.T, top, upper=True).T  # V_r^T S^{-1}
+    return orthonormal_rows(basis)
+
+
+def stacked_output_basis(down_weights: list[torch.Tensor], mid_grams: list[torch.Tensor],
+                         rank: int) -> torch.Tensor:
+    """B [H, r]: top-r left singular subspace of [W_down_e S_e]_e; with the unnormalised per-expert Grams
+    (S_e S_e^T = Y_e^T Y_e) this minimises sum_e ||(I - B B^T) W_down_e Y_e^T||^2 exactly, tokens of
+    frequent experts counting as often as they occur."""
+    h = down_weights[0].shape[0]
+    moment = torch.zeros(h, h, dtype=torch.float64)
+    for weight, gram in zip(down_weights, mid_grams):
+        w = weight.double()
+        moment += w @ gram.double() @ w.T
+    return _top_eigenvectors(moment, rank)
+
+
+def most_frequent_expert_bases(in_weight: torch.Tensor, down_weight: torch.Tensor, in_gram: torch.Tensor,
+                               mid_gram: torch.Tensor, rank: int, where: str
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's V-sharing (Eq. 5): bases from the most frequently routed expert's own whitened SVDs.
+    A spans the right singular vectors of its [gate; up] S_x, B the left singular vectors of
+    down S_y (our schema shares the output side of down)."""
+    lr_in = truncated_svd(in_weight, rank, whitening_factor(in_gram, f"{where} top expert input"))
+    lr_out = truncated_svd(down_weight, rank, whitening_factor(mid_gram, f"{where} top expert down input"))
+    basis_in = orthonormal_rows(lr_in.a)
+    basis_out, _ = torch.linalg.qr(lr_out.b)
+    return basis_in, basis_out
+
+
+def fit_input_factor(weight: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """G [out, r] minimising ||(W - G A) S||_F^2 with S S^T = gram: G = W C A^T (A C A^T)^{-1}."""
+    w, a, c = weight.double(), basis.double(), gram.double()
+    lhs = a @ c @ a.T
+    rhs = a @ c @ w.T
+    return torch.linalg.solve(lhs, rhs).T
+
+
+def fit_output_factor(weight: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """D [r, in] = B^T W: for orthonormal B the optimum of ||(W - B D) S||_F for any whitening S."""
+    return basis.double().T @ weight.double()
+
+
+# ------------------------------------------------------------------------------------------ errors
+def whitened_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> tuple[float, float]:
+    """(||(W - W') X^T||^2, ||W X^T||^2) via the Gram: tr(D C D^T)."""
+    w, d, c = weight.double(), weight.double() - approx.double(), gram.double()
+    return float(torch.einsum("ij,jk,ik->", d, c, d)), float(torch.einsum("ij,jk,ik->", w, c, w))
+
+
+# ------------------------------------------------------------------------------------------ trimming
+def trimming_bank_map(frequency: torch.Tensor, keep_per_group: int, group_size: int,
+                      distance: torch.Tensor) -> tuple[list[int], list[int]]:
+    """U-trimming (Eq. 7-8, App. D.4): in each group of `group_size` consecutive experts keep the
+    `keep_per_group` most frequently routed ones; every other expert is served by the kept expert of its
+    group at the smallest `distance[e, k]`. Returns (bank_map, kept experts in bank order)."""
+    num_experts = frequency.numel()
+    kept: list[int] = []
+    groups = [list(range(s, min(s + group_size, num_experts))) for s in range(0, num_experts, group_size)]
+    for group in groups:
+        order = sorted(group, key=lambda e: (-float(frequency[e]), e))
+        kept.extend(sorted(order[:keep_per_group]))
+    kept = sorted(kept)
+    bank_of_kept = {e: k for k, e in enumerate(kept)}
+    bank_map = []
+    for group in groups:
+        group_kept = [e for e in group if e in bank_of_kept]
+        for e in group:
+            nearest = e if e in bank_of_kept else min(group_kept, key=lambda k: (float(distance[e, k]), k))
+            bank_map.append(bank_of_kept[nearest])
+    return bank_map, kept
