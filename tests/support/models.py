@@ -1,0 +1,29 @@
+"""Session-wide tiny fixture checkpoints: each distinct build is written once and shared by every test file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from offline.fixtures.tiny import build_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Callable[..., Path]:
+    """Factory: `tiny_model_dir(arch, seed=0, init_std=..., dtype="float32", num_layers=4)` -> Path.
+
+    Same arguments return the same directory (built once per session); treat it as read-only.
+    """
+    root = tmp_path_factory.mktemp("tiny_models")
+    built: dict[tuple, Path] = {}
+
+    def get(arch: str, **kwargs) -> Path:
+        key = (arch,) + tuple(sorted(kwargs.items()))
+        if key not in built:
+            name = "-".join([arch] + [f"{k}={v}" for k, v in sorted(kwargs.items())])
+            built[key] = build_tiny_checkpoint(arch, root / name, **kwargs)
+        return built[key]
+
+    return get
