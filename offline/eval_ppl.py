@@ -6,8 +6,9 @@
 Every checkpoint is loaded with `offline.reference.load_reference_model` (dense, shared_basis or
 per_expert). The text file is tokenized once as a single stream (no special tokens), cut to `max_tokens`
 tokens, and split into non-overlapping windows of `seq_len` tokens; a tail shorter than a window is
-dropped. If the tokenizer defines a BOS token, it is prepended to every window and all `seq_len` tokens
-are scored; otherwise a window's first token is context only and the other `seq_len - 1` are scored.
+dropped. By default a window's first token is context only and the other `seq_len - 1` are scored (the
+convention of the MoE-SVD / SVD-LLM WikiText evaluation and of `offline.bundled.evaluate`); with
+`--add-bos` the tokenizer's BOS token is prepended to every window and all `seq_len` tokens are scored.
 `tokens` is the exact number of scored tokens, `nll` the mean negative log-likelihood per scored token
 (nats), `ppl = exp(nll)`.
 """
@@ -60,6 +61,12 @@ def load_tokenizer(model_dir: str | os.PathLike) -> PreTrainedTokenizerBase:
                          "tokenizer files there or pass tokenizer_dir / --tokenizer") from None
 
 
+def _bos_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.bos_token_id is None:
+        raise ValueError("add_bos: the tokenizer defines no BOS token; evaluate without it")
+    return tokenizer.bos_token_id
+
+
 def make_windows(token_ids: list[int], *, seq_len: int, max_tokens: int | None,
                  bos_token_id: int | None) -> EvalWindows:
     """Non-overlapping windows of `seq_len` text tokens (see the module docstring for BOS handling)."""
@@ -94,13 +101,13 @@ def summed_nll(model: torch.nn.Module, windows: EvalWindows, batch_size: int = 8
 
 def evaluate_perplexity(model_dir: str | os.PathLike, text: str, *, seq_len: int = 128,
                         max_tokens: int | None = None, dtype: torch.dtype | str = torch.float32,
-                        tokenizer_dir: str | os.PathLike | None = None,
+                        tokenizer_dir: str | os.PathLike | None = None, add_bos: bool = False,
                         batch_size: int = 8) -> PerplexityResult:
     """Perplexity of the checkpoint in `model_dir` on `text` (any form the reference loader reads)."""
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    windows = make_windows(token_ids, seq_len=seq_len, max_tokens=max_tokens,
-                           bos_token_id=tokenizer.bos_token_id)
+    bos_token_id = _bos_token_id(tokenizer) if add_bos else None
+    windows = make_windows(token_ids, seq_len=seq_len, max_tokens=max_tokens, bos_token_id=bos_token_id)
     model = load_reference_model(model_dir, dtype=torch_dtype(dtype))
     total = summed_nll(model, windows, batch_size=batch_size)
     tokens = windows.scored_tokens
@@ -116,6 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="use only the first N tokens of the text (default: all)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    parser.add_argument("--add-bos", action="store_true",
+                        help="prepend the tokenizer's BOS token to every window and score all its tokens")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer directory (default: each MODEL_DIR's own tokenizer)")
@@ -132,7 +141,7 @@ def _table(rows: list[dict]) -> str:
     lines = [header, "-" * len(header)]
     for row in rows:
         ratio = row["ppl"] / rows[0]["ppl"]
-        lines.append(f"{row['model'][-40:]:<40} {row['method']:<14} {row['tokens']:>8d} "
+        lines.append(f"{Path(row['model']).name[-40:]:<40} {row['method']:<14} {row['tokens']:>8d} "
                      f"{row['nll']:>9.5f} {row['ppl']:>11.4f} {ratio:>8.3f}x")
     return "\n".join(lines)
 
@@ -144,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         result = evaluate_perplexity(model_dir, text, seq_len=args.seq_len, max_tokens=args.max_tokens,
                                      dtype=args.dtype, tokenizer_dir=args.tokenizer,
-                                     batch_size=args.batch_size)
+                                     add_bos=args.add_bos, batch_size=args.batch_size)
         seconds = time.perf_counter() - started
         logger.info("%s: ppl %.4f over %d tokens (%.1f s)", model_dir, result.ppl, result.tokens, seconds)
         rows.append({"model": str(model_dir), "method": _method_of(model_dir), **asdict(result),
@@ -154,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
                        "their perplexities are not comparable")
     if args.json:
         payload = {"data": str(args.data), "seq_len": args.seq_len, "max_tokens": args.max_tokens,
-                   "dtype": args.dtype, "results": rows}
+                   "dtype": args.dtype, "add_bos": args.add_bos, "results": rows}
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     print(_table(rows))
     return 0
