@@ -7,7 +7,10 @@ import logging
 logger = logging.getLogger("vllm.moesvd_vllm")
 
 # Architecture name -> "module:Class", registered lazily so vLLM imports the model only when used.
-PLUGIN_ARCHITECTURES: dict[str, str] = {}
+PLUGIN_ARCHITECTURES: dict[str, str] = {
+    "MoESVDQwen3MoeForCausalLM": "moesvd_vllm.models.qwen3_moe:MoESVDQwen3MoeForCausalLM",
+    "MoESVDMixtralForCausalLM": "moesvd_vllm.models.mixtral:MoESVDMixtralForCausalLM",
+}
 
 
 def register_models() -> None:
