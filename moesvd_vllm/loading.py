@@ -13,8 +13,7 @@ import logging
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from moesvd_vllm.schema import (
     CONFIG_KEY,
@@ -47,7 +46,11 @@ class _Layer:
     seen: dict[str, tuple[tuple[int, ...], str]]
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+if TYPE_CHECKING:
+    import torch
+
+
+def _dtype_name(dtype: "torch.dtype") -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -72,10 +75,10 @@ class CompressedCheckpointValidator:
                 expected=expected_layer_tensors(model_type, index, spec, dims, _MODEL_DTYPE), seen={})
         self.dims = dims
 
-    def inspect(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    def inspect(self, weights: Iterable[tuple[str, "torch.Tensor"]]) -> Iterator[tuple[str, "torch.Tensor"]]:
         """Pass `weights` through unchanged, checking each tensor of a decomposed layer on the way."""
         for name, tensor in weights:
-            self._check(name, tensor)
+            self.check(name, tuple(tensor.shape), _dtype_name(tensor.dtype))
             yield name, tensor
 
     def _layer_of(self, name: str) -> _Layer | None:
@@ -85,11 +88,11 @@ class CompressedCheckpointValidator:
         layer = self.layers.get(int(match.group(1)))
         return layer if layer is not None and name.startswith(layer.prefix) else None
 
-    def _check(self, name: str, tensor: torch.Tensor) -> None:
+    def check(self, name: str, shape: tuple[int, ...], dtype: str) -> None:
+        """Check one checkpoint tensor (`dtype` as a schema string, e.g. "float32")."""
         layer = self._layer_of(name)
         if layer is None:
             return
-        shape, dtype = tuple(tensor.shape), _dtype_name(tensor.dtype)
         if name in layer.expected:
             expected_shape = layer.expected[name][0]
             if shape != expected_shape:
@@ -133,5 +136,5 @@ class CompressedCheckpointValidator:
                     raise CheckpointMismatchError(
                         f"decoder layer {layer.index}, tensor {name}: dtype {got} in the checkpoint, "
                         f"expected {wanted} ({source}). {_FIX}")
-        logger.info("moesvd: validated %d decomposed MoE layer(s) against the checkpoint schema",
-                    len(self.layers))
+        logger.debug("moesvd: validated %d decomposed MoE layer(s) against the checkpoint schema",
+                      len(self.layers))

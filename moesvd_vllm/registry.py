@@ -1,4 +1,8 @@
-"""Registration of the plugin-only architectures with vLLM's ModelRegistry."""
+"""Registration of the plugin-only architectures with vLLM's ModelRegistry.
+
+`register_models()` runs in every vLLM process (API server, engine core, workers, registry inspection):
+it is idempotent and imports no model code (vLLM imports a model module only when it serves it).
+"""
 
 from __future__ import annotations
 
@@ -14,11 +18,23 @@ PLUGIN_ARCHITECTURES: dict[str, str] = {
 
 
 def register_models() -> None:
-    if not PLUGIN_ARCHITECTURES:
-        return
     from vllm import ModelRegistry
 
     supported = set(ModelRegistry.get_supported_archs())
     for arch, target in PLUGIN_ARCHITECTURES.items():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)
+    _register_preflight_checks()
+
+
+def _register_preflight_checks() -> None:
+    """Have vLLM check a compressed checkpoint while it builds its config, before the engine starts."""
+    try:
+        from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    except ImportError:  # a vLLM without per-architecture config hooks: the load-time check remains
+        logger.debug("moesvd: no MODELS_CONFIG_MAP in this vLLM; skipping the pre-flight check")
+        return
+    from moesvd_vllm.preflight import CompressedCheckpointPreflight
+
+    for arch in PLUGIN_ARCHITECTURES:
+        MODELS_CONFIG_MAP.setdefault(arch, CompressedCheckpointPreflight)
