@@ -105,7 +105,7 @@ def evaluate_perplexity(model_dir: str | os.PathLike, text: str, *, seq_len: int
                         batch_size: int = 8) -> PerplexityResult:
     """Perplexity of the checkpoint in `model_dir` on `text` (any form the reference loader reads)."""
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
-    token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    token_ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     bos_token_id = _bos_token_id(tokenizer) if add_bos else None
     windows = make_windows(token_ids, seq_len=seq_len, max_tokens=max_tokens, bos_token_id=bos_token_id)
     model = load_reference_model(model_dir, dtype=torch_dtype(dtype))
@@ -137,11 +137,11 @@ def _method_of(model_dir: str) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    header = f"{'model':<40} {'method':<14} {'tokens':>8} {'nll':>9} {'ppl':>11} {'vs first':>9}"
+    header = f"{'model':<40} {'method':<16} {'tokens':>8} {'nll':>9} {'ppl':>11} {'vs first':>9}"
     lines = [header, "-" * len(header)]
     for row in rows:
         ratio = row["ppl"] / rows[0]["ppl"]
-        lines.append(f"{Path(row['model']).name[-40:]:<40} {row['method']:<14} {row['tokens']:>8d} "
+        lines.append(f"{Path(row['model']).name[-40:]:<40} {row['method']:<16} {row['tokens']:>8d} "
                      f"{row['nll']:>9.5f} {row['ppl']:>11.4f} {ratio:>8.3f}x")
     return "\n".join(lines)
 

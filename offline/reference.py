@@ -50,11 +50,15 @@ from moesvd_vllm.schema import (
 )
 from offline.expert_tensors import (
     CheckpointTensors,
+    ShardedSafetensorsWriter,
+    atomic_output_dir,
+    copy_side_files,
     moe_prefix,
     per_expert_names,
     read_config,
     read_layer_experts,
     torch_dtype,
+    write_config,
 )
 
 logger = logging.getLogger(__name__)
@@ -394,3 +398,26 @@ def expand_to_dense_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.
         if name not in consumed:
             out[name] = tensors.get(name)
     return out
+
+
+def write_dense_equivalent_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                                      overwrite: bool = False) -> Path:
+    """Write `expand_to_dense_state_dict(model_dir)` as a dense checkpoint of the original architecture.
+
+    Plain transformers (or stock vLLM) then evaluates exactly the compressed model's math; expanded
+    experts are stored in float32 so the expansion adds no rounding.
+    """
+    config = read_config(model_dir)
+    block = config.pop(CONFIG_KEY, None)
+    if block is not None:
+        config["architectures"] = list(MoESVDConfig.from_dict(block).original_architectures)
+    state = expand_to_dense_state_dict(model_dir)
+    out_dir = Path(out_dir)
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        writer = ShardedSafetensorsWriter(tmp)
+        for name in sorted(state):
+            writer.add(name, state[name])
+        writer.finish()
+        write_config(tmp, config)
+        copy_side_files(model_dir, tmp)
+    return out_dir

@@ -33,6 +33,7 @@ from offline.reference import (
     SharedBasisExperts,
     expand_to_dense_state_dict,
     load_reference_model,
+    write_dense_equivalent_checkpoint,
 )
 
 ARCHS = ["qwen3_moe", "mixtral"]
@@ -176,10 +177,9 @@ def test_expand_to_dense_state_dict_of_a_low_rank_checkpoint(dense_dirs, workdir
     """A genuinely low-rank shared_basis checkpoint (r = 32 < H) equals its expansion loaded by transformers."""
     full = write_full_rank_checkpoint(dense_dirs["qwen3_moe"], workdir / "lr-full", basis="orthogonal")
     low = _edited_copy(full, workdir / "lr-low", _truncate_rank(32))
-    expanded = workdir / "lr-expanded"
-    expanded.mkdir()
-    save_file(expand_to_dense_state_dict(low), str(expanded / "model.safetensors"))
-    shutil.copy(dense_dirs["qwen3_moe"] / "config.json", expanded / "config.json")
+    expanded = write_dense_equivalent_checkpoint(low, workdir / "lr-expanded")
+    assert read_moe_svd_config(expanded) is None
+    assert len(expand_to_dense_state_dict(low)) == len(CheckpointTensors(dense_dirs["qwen3_moe"]).names())
     reference = _logits(low, input_ids)
     assert _max_diff(reference, _logits(expanded, input_ids)) <= _tolerance(reference)
     assert _max_diff(reference, _logits(dense_dirs["qwen3_moe"], input_ids)) > WRONG_BY
