@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.support.servers",
     "tests.support.models",
+    "tests.support.ab_peers",
 ]

@@ -1,0 +1,171 @@
+"""`moesvd ab` between two real vLLM servers on loopback.
+
+The report's numbers are checked against what the servers themselves counted on /metrics
+(`vllm:generation_tokens_total`, `vllm:request_success_total` per model_name), its speed keys against
+the `vllm bench serve` names, and its quality metrics against their exact values when both arms are
+the same server (delta NLL 0, top-1 agreement 100 %, KL 0, exact match 100 %).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from moesvd_vllm.cli import main as moesvd_main
+from serve.ab import ABOptions, run_ab
+from serve.ab_report import load_report
+from serve.http import get_text, metric_value, parse_metrics
+
+NUM_PROMPTS = 8
+MAX_TOKENS = 16
+CONCURRENCY = (1, 4)
+
+VLLM_BENCH_KEYS = [
+    "completed", "failed", "total_input_tokens", "total_output_tokens", "duration",
+    "request_throughput", "output_throughput", "total_token_throughput",
+    *[f"{stat}_{metric}_ms" for metric in ("ttft", "tpot", "itl", "e2el")
+      for stat in ("mean", "median", "std", "p90", "p99")],
+]
+
+
+def counters(server) -> dict[str, float]:
+    samples = parse_metrics(get_text(server.url("/metrics")))
+    return {"generation_tokens": metric_value(samples, "vllm:generation_tokens_total", model_name=server.name),
+            "prompt_tokens": metric_value(samples, "vllm:prompt_tokens_total", model_name=server.name),
+            "requests": metric_value(samples, "vllm:request_success_total", model_name=server.name)}
+
+
+@pytest.fixture(scope="module")
+def ab_run(ab_arms, tmp_path_factory):
+    """One small A/B between the two arms, with the servers' counters read before and after."""
+    server_a, server_b = ab_arms
+    before = {"A": counters(server_a), "B": counters(server_b)}
+    out = tmp_path_factory.mktemp("ab")
+    report = run_ab(ABOptions(a_url=server_a.base_url, b_url=server_b.base_url, num_prompts=NUM_PROMPTS,
+                              concurrency=CONCURRENCY, max_tokens=MAX_TOKENS, quality_max_tokens=8,
+                              top_logprobs=5, out=out, show_progress=False))
+    after = {"A": counters(server_a), "B": counters(server_b)}
+    deltas = {arm: {k: after[arm][k] - before[arm][k] for k in before[arm]} for arm in before}
+    return report, deltas, out, (server_a, server_b)
+
+
+def test_report_totals_equal_what_the_servers_counted(ab_run):
+    report, deltas, _, _ = ab_run
+    assert report.complete, report.problems
+    for arm in ("A", "B"):
+        accounting = report.accounting[arm]
+        assert accounting["requests_succeeded"] == accounting["requests_sent"] == 1 + NUM_PROMPTS * (len(CONCURRENCY) + 1)
+        assert deltas[arm]["requests"] == accounting["requests_succeeded"], arm
+        assert deltas[arm]["generation_tokens"] == accounting["completion_tokens"], arm
+        assert deltas[arm]["prompt_tokens"] == accounting["prompt_tokens"], arm
+        speed_tokens = sum(level[arm]["total_output_tokens"] for level in report.speed)
+        assert speed_tokens == accounting["by_phase"]["speed"]["completion_tokens"]
+
+
+def test_speed_levels_use_vllm_bench_keys_and_definitions(ab_run):
+    report, _, _, _ = ab_run
+    assert [level["max_concurrency"] for level in report.speed] == list(CONCURRENCY)
+    assert [level["order"] for level in report.speed] == [["A", "B"], ["B", "A"]]
+    for level in report.speed:
+        for arm in ("A", "B"):
+            metrics = level[arm]
+            assert set(VLLM_BENCH_KEYS) <= set(metrics), set(VLLM_BENCH_KEYS) - set(metrics)
+            assert metrics["completed"] == NUM_PROMPTS and metrics["failed"] == 0
+            # ignore_eos: every request generates exactly max_tokens, counted by the server (usage)
+            assert metrics["total_output_tokens"] == NUM_PROMPTS * MAX_TOKENS
+            assert not metrics["output_tokens_counted_from_chunks"]
+            assert metrics["output_throughput"] == pytest.approx(
+                metrics["total_output_tokens"] / metrics["duration"])
+            assert metrics["request_throughput"] == pytest.approx(NUM_PROMPTS / metrics["duration"])
+            assert 0 < metrics["mean_ttft_ms"] <= metrics["mean_e2el_ms"]
+            assert metrics["median_ttft_ms"] <= metrics["p99_ttft_ms"]
+        for key, value in level["b_over_a"].items():
+            assert value == pytest.approx(level["B"][key] / level["A"][key]), key
+
+
+def test_tpot_follows_vllm_definition_per_request(ab_run):
+    report, _, _, _ = ab_run
+    series = report.speed_series["concurrency=1"]["A"]
+    tpots = [(lat - ttft) / (n - 1) for lat, ttft, n in
+             zip(series["latencies"], series["ttfts"], series["output_lens"]) if n > 1]
+    assert report.speed_level("concurrency=1")["A"]["mean_tpot_ms"] == pytest.approx(
+        1000 * sum(tpots) / len(tpots))
+    # the last chunk arrives at the end-to-end time: TTFT + sum of the inter-chunk gaps
+    for latency, ttft, itl in zip(series["latencies"], series["ttfts"], series["itls"]):
+        assert latency == pytest.approx(ttft + sum(itl), abs=1e-6)
+
+
+def test_quality_between_two_models_with_one_tokenizer(ab_run):
+    report, _, _, _ = ab_run
+    quality = report.quality
+    assert quality["same_tokenization"] and quality["refused"] is None
+    assert quality["prompts_scored"] == NUM_PROMPTS and not quality["prompts_failed"]
+    assert quality["tokens_scored_a"] == quality["tokens_scored_b"] == quality["positions_compared"] > 0
+    assert 1 < quality["perplexity_a"] < math.inf and 1 < quality["perplexity_b"] < math.inf
+    assert quality["perplexity_ratio"] == pytest.approx(quality["perplexity_b"] / quality["perplexity_a"])
+    assert quality["mean_delta_nll"] == pytest.approx(
+        math.log(quality["perplexity_b"]) - math.log(quality["perplexity_a"]), rel=1e-6)
+    assert 0 <= quality["top1_agreement"] <= 100
+    assert quality["kl_a_b_topk_lower_bound"] > 0  # two different random models
+    assert 0 < quality["mean_shared_topk_mass_a"] <= 1 + 1e-6
+    assert quality["exact_match_rate"] is not None
+
+
+def test_identical_arms_give_exact_quality_values(ab_arms):
+    server_a, _ = ab_arms
+    report = run_ab(ABOptions(a_url=server_a.base_url, b_url=server_a.base_url, num_prompts=4,
+                              concurrency=(2,), max_tokens=4, quality_max_tokens=8, top_logprobs=5,
+                              show_progress=False))
+    quality = report.quality
+    assert report.complete, report.problems
+    # the same server twice: equal up to float32 batching noise (requests may share a batch)
+    assert quality["mean_delta_nll"] == pytest.approx(0.0, abs=1e-5)
+    assert quality["top1_agreement"] == 100.0
+    assert quality["kl_a_b_topk_lower_bound"] == pytest.approx(0.0, abs=1e-5)
+    assert quality["exact_match_rate"] == 100.0
+    assert quality["perplexity_ratio"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_report_files_json_markdown_and_plots(ab_run):
+    report, _, out, (server_a, server_b) = ab_run
+    paths = {p.suffix: p for p in report.written_to}
+    assert set(paths) == {".json", ".md", ".png"}
+    pngs = [p for p in report.written_to if p.suffix == ".png"]
+    assert {p.name.split("Z-")[-1] for p in pngs} == {"latency-cdf.png", "throughput.png"}
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    data = load_report(paths[".json"])
+    assert data["complete"] is True
+    meta = data["metadata"]
+    for label, server in (("A", server_a), ("B", server_b)):
+        assert meta["arms"][label]["url"] == server.base_url
+        assert meta["arms"][label]["model"] == server.name  # discovered through /v1/models
+        assert meta["arms"][label]["server_version"]  # vLLM's /version
+    assert meta["prompts"]["count"] == NUM_PROMPTS and len(meta["prompts"]["sha256"]) == 64
+    assert meta["prompts"]["source"].startswith("built-in")
+    assert meta["options"]["concurrency"] == list(CONCURRENCY)
+    markdown = paths[".md"].read_text()
+    assert "| output throughput (tok/s) |" in markdown and "### Quality" in markdown
+    for png in pngs:
+        assert f"]({png.name})" in markdown
+
+
+def test_cli_prints_the_table_and_writes_the_report(ab_arms, tmp_path, capsys):
+    server_a, server_b = ab_arms
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"And the LORD spake unto Moses, saying {i}"})
+                                 for i in range(3)) + "\n")
+    code = moesvd_main(["ab", "--a", server_a.base_url, "--b", server_b.base_url + "/v1",
+                        "--prompts", str(prompts), "--concurrency", "2", "--max-tokens", "4",
+                        "--quality-max-tokens", "4", "--top-logprobs", "3", "--out", str(tmp_path / "out"),
+                        "--no-plots", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "Speed, concurrency=2" in printed and "output throughput (tok/s)" in printed
+    assert f"A: {server_a.name} at {server_a.base_url}" in printed
+    reports = list((tmp_path / "out").glob("ab-report-*.json"))
+    assert len(reports) == 1
+    data = json.loads(reports[0].read_text())
+    assert data["metadata"]["prompts"]["source"] == f"jsonl: {prompts}"
+    assert data["speed"][0]["A"]["completed"] == 3
