@@ -179,15 +179,27 @@ def load_reference_model(model_dir: str | os.PathLike, *, dtype: torch.dtype | s
                          attn_implementation: str | None = None) -> PreTrainedModel:
     """Load a dense, shared_basis or per_expert checkpoint as a transformers model in eval mode.
 
-    Bases are kept in float32 when either the model dtype or the stored basis dtype is float32.
+    Expert factors use `dtype`; shared bases use the wider of `dtype` and their stored `basis_dtype`.
+    Any tensor missing from or unused by the model is an error (never a silent random init).
     """
     dtype = torch_dtype(dtype)
     block = read_moe_svd_config(model_dir)
     if block is None:
-        kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
-        return model.eval()
+        return _load_dense(Path(model_dir), dtype, attn_implementation)
     return _load_compressed(Path(model_dir), block, dtype, attn_implementation)
+
+
+def _load_dense(model_dir: Path, dtype: torch.dtype, attn_implementation: str | None) -> PreTrainedModel:
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, output_loading_info=True,
+                                                       **kwargs)
+    problems = {key: sorted(info.get(key) or []) for key in ("missing_keys", "unexpected_keys",
+                                                             "mismatched_keys")}
+    problems = {key: names for key, names in problems.items() if names}
+    if problems:
+        raise CheckpointError(f"{model_dir}: transformers could not load the dense checkpoint cleanly: "
+                              f"{ {k: v[:4] for k, v in problems.items()} }")
+    return model.eval()
 
 
 def original_config(model_dir: str | os.PathLike):
@@ -219,17 +231,15 @@ def _load_compressed(model_dir: Path, block: MoESVDConfig, dtype: torch.dtype,
     model.eval()
 
     consumed: set[str] = set()
-    for layer_index in block.decomposed_layers:
-        spec = block.layer(layer_index)
-        moe_block = _moe_block(model, layer_index)
-        experts, names = _build_compressed_experts(tensors, model_type, layer_index, spec, dims,
-                                                   moe_block.experts.act_fn, dtype)
-        moe_block.experts = experts
-        consumed.update(names)
     for layer_index in moe_layer_indices(raw_config):
-        if block.layer(layer_index) is None:
-            consumed.update(_load_dense_experts(tensors, model_type, layer_index, dims,
-                                                _moe_block(model, layer_index).experts))
+        moe_block = _moe_block(model, layer_index)
+        spec = block.layer(layer_index)
+        if spec is None:  # kept dense: fill transformers' own fused experts
+            consumed.update(_load_dense_experts(tensors, model_type, layer_index, dims, moe_block.experts))
+            continue
+        moe_block.experts, names = _build_compressed_experts(tensors, model_type, layer_index, spec, dims,
+                                                             moe_block.experts.act_fn, dtype)
+        consumed.update(names)
     filled = _parameter_names_of(model, [_moe_block(model, i).experts for i in moe_layer_indices(raw_config)])
     _load_remaining_tensors(model, tensors, model_type, consumed, filled)
     logger.info("reference model for %s: %s, %d decomposed layer(s)", model_dir, block.method,

@@ -202,9 +202,10 @@ def _edited_copy(src: Path, dst: Path, edit) -> Path:
     edit(tensors, config)
     save_file(tensors, str(shard))
     index_path = dst / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    index["weight_map"] = {name: shard.name for name in tensors}
-    index_path.write_text(json.dumps(index))
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        index["weight_map"] = {name: shard.name for name in tensors}
+        index_path.write_text(json.dumps(index))
     (dst / "config.json").write_text(json.dumps(config))
     return dst
 
@@ -297,3 +298,10 @@ def test_windows_count_tokens_exactly():
     assert with_bos.input_ids[:, 0].tolist() == [0, 0, 0]
     with pytest.raises(ValueError, match="fewer than one window"):
         make_windows(ids, seq_len=64, max_tokens=None, bos_token_id=None)
+
+
+def test_dense_checkpoint_with_a_missing_tensor_is_refused(dense_dirs, workdir):
+    name = "model.layers.3.self_attn.o_proj.weight"
+    broken = _edited_copy(dense_dirs["qwen3_moe"], workdir / "dense-missing", lambda t, c: t.pop(name))
+    with pytest.raises(CheckpointError, match=r"missing_keys.*layers\.3\.self_attn\.o_proj"):
+        load_reference_model(broken)
