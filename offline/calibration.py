@@ -101,7 +101,7 @@ def tokenize_corpus(texts: list[str], tokenizer) -> torch.Tensor:
     eos = getattr(tokenizer, "eos_token_id", None)
     ids: list[int] = []
     for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if eos is not None:
             ids.append(int(eos))
     return torch.tensor(ids, dtype=torch.int64)

@@ -1,0 +1,271 @@
+"""The math of offline.decompose / offline.sensitivity / offline.calibration statistics, on small matrices."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from moesvd_vllm.schema import LayerSpec, MoEDims, decomposed_layer_params, dense_layer_params
+from offline import decompose as dec
+from offline.calibration import ExpertStatistics, ExpertStatisticsHook, sample_windows, CalibrationError
+from offline.sensitivity import RatioError, layer_sensitivity, plan_decomposition
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _inputs(tokens: int, dim: int, seed: int = 1, mix_seed: int = 0) -> torch.Tensor:
+    """Correlated, anisotropic inputs (like real activations): a few directions dominate. Experts of
+    one layer read the same residual stream: same `mix_seed` (distribution), different tokens (`seed`)."""
+    scales = torch.logspace(1, -2, dim, dtype=torch.float64)
+    mix = torch.linalg.qr(torch.randn(dim, dim, generator=_generator(mix_seed), dtype=torch.float64))[0]
+    return (torch.randn(tokens, dim, generator=_generator(seed + 1000), dtype=torch.float64) * scales) @ mix.T
+
+
+def test_full_rank_svd_reproduces_the_weight():
+    w = torch.randn(24, 16, generator=_generator(), dtype=torch.float64)
+    x = _inputs(200, 16)
+    s = dec.whitening_factor(x.T @ x, "test")
+    for whitening in (None, s):
+        approx = dec.truncated_svd(w, 16, whitening).dense()
+        assert torch.allclose(approx, w, atol=1e-5), (approx - w).abs().max()
+
+
+def test_whitened_svd_has_lower_output_error_than_plain_svd():
+    w = torch.randn(32, 24, generator=_generator(), dtype=torch.float64)
+    x = _inputs(500, 24)
+    s = dec.whitening_factor(x.T @ x, "test")
+    for rank in (4, 8, 12):
+        plain = dec.truncated_svd(w, rank).dense()
+        whitened = dec.truncated_svd(w, rank, s).dense()
+        err_plain = torch.linalg.norm((w - plain) @ x.T)
+        err_whitened = torch.linalg.norm((w - whitened) @ x.T)
+        assert err_whitened < 0.9 * err_plain, (rank, float(err_whitened), float(err_plain))
+
+
+def test_whitened_error_matches_direct_computation():
+    w = torch.randn(8, 6, generator=_generator(), dtype=torch.float64)
+    approx = w + 0.1 * torch.randn(8, 6, generator=_generator(3), dtype=torch.float64)
+    x = _inputs(50, 6)
+    num, den = dec.whitened_error(w, approx, x.T @ x)
+    assert num == pytest.approx(float(torch.linalg.norm((w - approx) @ x.T) ** 2), rel=1e-9)
+    assert den == pytest.approx(float(torch.linalg.norm(w @ x.T) ** 2), rel=1e-9)
+
+
+def test_singular_gram_is_repaired_and_logged(caplog):
+    x = _inputs(5, 12)  # 5 tokens in 12 dimensions: rank-deficient Gram
+    with caplog.at_level(logging.WARNING, logger="offline.decompose"):
+        s = dec.whitening_factor(x.T @ x, "layer 7 expert 3")
+    assert torch.isfinite(s).all()
+    assert "layer 7 expert 3" in caplog.text and "repaired" in caplog.text
+
+
+@pytest.mark.parametrize("bad", ["nan", "zeros"])
+def test_gram_beyond_repair_raises_a_clear_error(bad):
+    gram = torch.eye(4, dtype=torch.float64)
+    if bad == "nan":
+        gram[1, 2] = float("nan")
+    else:
+        gram = torch.zeros(4, 4, dtype=torch.float64)
+    with pytest.raises(dec.WhiteningError, match="layer 2 expert 0"):
+        dec.whitening_factor(gram, "layer 2 expert 0")
+
+
+def test_sensitivity_matches_hand_computation():
+    f = torch.tensor([0.5, 0.25, 0.25, 1.0])
+    r = torch.tensor([10.0, 20.0, 30.0, 4.0])
+    a = torch.tensor([0.1, 0.2, 0.0, 0.5])
+    # 0.5*10*0.1 + 0.25*20*0.2 + 0.25*30*0 + 1*4*0.5 = 0.5 + 1 + 0 + 2
+    assert layer_sensitivity(f, r, a) == pytest.approx(3.5)
+
+
+def test_principal_rank_counts_singular_values_above_threshold():
+    u = torch.linalg.qr(torch.randn(10, 10, generator=_generator(), dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(6, 6, generator=_generator(2), dtype=torch.float64))[0]
+    sigma = torch.tensor([5.0, 2.0, 0.5, 0.04, 0.01, 0.0], dtype=torch.float64)
+    w = u[:, :6] @ torch.diag(sigma) @ v.T
+    assert dec.principal_rank(w, 0.01) == 3  # above 0.05: 5, 2, 0.5
+    assert dec.principal_rank(w, 0.001) == 5
+
+
+def _experts(num_experts: int, out: int, hidden: int, seed: int = 0) -> list[torch.Tensor]:
+    g = _generator(seed)
+    shared = torch.randn(out, hidden, generator=g, dtype=torch.float64)
+    return [shared + 0.5 * torch.randn(out, hidden, generator=g, dtype=torch.float64) for _ in range(num_experts)]
+
+
+def test_shared_basis_with_full_rank_reproduces_each_expert_exactly():
+    hidden, inter, num = 16, 12, 4
+    gate_up = _experts(num, 2 * inter, hidden)
+    down = _experts(num, hidden, inter, seed=5)
+    grams_in = [(lambda x: x.T @ x)(_inputs(40, hidden, seed=e)) for e in range(num)]
+    grams_mid = [(lambda y: y.T @ y)(_inputs(40, inter, seed=10 + e)) for e in range(num)]
+    counts = torch.tensor([40.0, 30.0, 20.0, 10.0], dtype=torch.float64)
+    layer_gram = sum(grams_in)
+    basis_in = dec.stacked_input_basis(gate_up, counts, layer_gram, hidden, "test")
+    basis_out = dec.stacked_output_basis(down, grams_mid, hidden)
+    for e in range(num):
+        fitted = dec.fit_input_factor(gate_up[e], basis_in, grams_in[e]) @ basis_in
+        assert torch.allclose(fitted, gate_up[e], atol=1e-8)
+        assert torch.allclose(basis_out @ dec.fit_output_factor(down[e], basis_out), down[e], atol=1e-8)
+
+
+def _weighted_input_error(weights, grams, basis):
+    total = 0.0
+    for w, c in zip(weights, grams):
+        approx = dec.fit_input_factor(w, basis, c) @ basis
+        total += dec.whitened_error(w, approx, c)[0]
+    return total
+
+
+def test_stacked_bases_beat_the_most_frequent_experts_bases():
+    hidden, inter, num, rank = 24, 10, 6, 8
+    gate_up = _experts(num, 2 * inter, hidden)
+    down = _experts(num, hidden, inter, seed=4)
+    xs = [_inputs(60, hidden, seed=e) for e in range(num)]
+    ys = [_inputs(60, inter, seed=20 + e) for e in range(num)]
+    grams_in, grams_mid = [x.T @ x for x in xs], [y.T @ y for y in ys]
+    counts = torch.full((num,), 60.0, dtype=torch.float64)
+    stacked_in = dec.stacked_input_basis(gate_up, counts, sum(grams_in), rank, "test")
+    stacked_out = dec.stacked_output_basis(down, grams_mid, rank)
+    paper_in, paper_out = dec.most_frequent_expert_bases(gate_up[0], down[0], grams_in[0], grams_mid[0],
+                                                         rank, "test")
+    assert _weighted_input_error(gate_up, grams_in, stacked_in) < _weighted_input_error(gate_up, grams_in, paper_in)
+
+    def out_error(basis):
+        return sum(dec.whitened_error(w, basis @ dec.fit_output_factor(w, basis), c)[0]
+                   for w, c in zip(down, grams_mid))
+
+    assert out_error(stacked_out) < out_error(paper_out)
+
+
+def test_trimming_keeps_the_most_frequent_experts_and_maps_to_the_nearest():
+    freq = torch.tensor([0.1, 0.5, 0.05, 0.4, 0.3, 0.02, 0.6, 0.03])
+    distance = torch.ones(8, 8)
+    distance[0, 3] = 0.1  # expert 0 is closest to kept expert 3
+    distance[2, 1] = 0.2
+    distance[5, 6] = 0.1
+    distance[7, 4] = 0.1
+    bank_map, kept = dec.trimming_bank_map(freq, keep_per_group=2, group_size=4, distance=distance)
+    assert kept == [1, 3, 4, 6]  # group 0-3: experts 1, 3; group 4-7: experts 6, 4
+    assert bank_map == [1, 0, 0, 1, 2, 3, 3, 2]
+
+
+def test_plan_meets_the_requested_ratio_within_one_point():
+    dims = MoEDims(num_experts=8, top_k=2, hidden=256, intermediate=192)
+    sensitivity = {i: float(s) for i, s in enumerate([5, 1, 3, 2, 4, 6, 0.5, 7])}
+
+    def shared(rank):
+        return decomposed_layer_params(LayerSpec("shared_basis", rank, 8, list(range(8))), dims)
+
+    def per_expert(rank):
+        return decomposed_layer_params(LayerSpec("per_expert", rank, 8, list(range(8))), dims)
+
+    dense = dense_layer_params(dims)
+    for ratio in (0.2, 0.3, 0.4, 0.5, 0.6):
+        for counter, step, all_layers in ((shared, 32, False), (per_expert, 1, True)):
+            plan = plan_decomposition(sensitivity, ratio, dense_layer=dense, decomposed_layer=counter,
+                                      max_rank=256 if step == 32 else 192, rank_step=step, tolerance=0.01,
+                                      min_rank_fraction=0.5, decompose_all=all_layers)
+            removed = sum(dense - counter(r) for r in plan.ranks.values()) / (dense * 8)
+            assert abs(removed - ratio) <= 0.01, (ratio, plan)
+            assert plan.ratio == pytest.approx(removed)
+            assert all(r % step == 0 for r in plan.ranks.values())
+            if not all_layers and len(plan.ranks) < 8:  # selective: the least sensitive layers first
+                kept = set(sensitivity) - set(plan.ranks)
+                assert max(sensitivity[i] for i in plan.ranks) <= min(sensitivity[i] for i in kept)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, 1.5])
+def test_ratio_outside_zero_one_is_rejected(ratio):
+    with pytest.raises(RatioError, match="strictly between 0 and 1"):
+        plan_decomposition({0: 1.0}, ratio, dense_layer=100, decomposed_layer=lambda r: r, max_rank=64,
+                           rank_step=32, tolerance=0.01, min_rank_fraction=0.5, decompose_all=False)
+
+
+def test_unreachable_ratio_is_rejected():
+    # one layer of 100 parameters; rank 32 costs 60, rank 64 costs 90: removable 10 % or 40 % only
+    with pytest.raises(RatioError, match="not reachable"):
+        plan_decomposition({0: 1.0}, 0.25, dense_layer=100, decomposed_layer=lambda r: 30 + 30 * (r // 32),
+                           max_rank=64, rank_step=32, tolerance=0.01, min_rank_fraction=0.5,
+                           decompose_all=False)
+
+
+def _tiny_moe_block():
+    from transformers import AutoConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    config = AutoConfig.for_model("qwen3_moe", hidden_size=32, moe_intermediate_size=16, num_experts=4,
+                                  num_experts_per_tok=2, num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    block = Qwen3MoeSparseMoeBlock(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.5)
+    return block
+
+
+def _run_stats(block, hidden, mask):
+    stats = ExpertStatistics(4, 32, 16)
+    hook = ExpertStatisticsHook(stats, block.experts)
+    hook.token_mask = mask.reshape(-1)
+    with torch.no_grad():
+        block(hidden)
+    hook.remove()
+    return stats
+
+
+def test_padding_never_counts_in_routing_frequency_or_grams():
+    block = _tiny_moe_block()
+    g = _generator(3)
+    real = torch.randn(2, 6, 32, generator=g)
+    padded = torch.cat([real, 10 * torch.randn(2, 4, 32, generator=g)], dim=1)  # 4 pad positions each
+    mask = torch.cat([torch.ones(2, 6), torch.zeros(2, 4)], dim=1).bool()
+    unpadded = _run_stats(block, real, torch.ones(2, 6, dtype=torch.bool))
+    with_padding = _run_stats(block, padded, mask)
+    assert with_padding.total_tokens == unpadded.total_tokens == 12
+    assert torch.equal(with_padding.routed_tokens, unpadded.routed_tokens)
+    assert int(with_padding.routed_tokens.sum()) == 12 * 2  # top-2 of 12 real tokens
+    assert torch.allclose(with_padding.frequency, unpadded.frequency)
+    assert torch.allclose(with_padding.gram_in, unpadded.gram_in, atol=1e-9)
+    assert torch.allclose(with_padding.gram_mid, unpadded.gram_mid, atol=1e-9)
+    # and the mask matters: counting the pad positions gives other statistics
+    counted_pads = _run_stats(block, padded, torch.ones(2, 10, dtype=torch.bool))
+    assert counted_pads.total_tokens == 20
+    assert not torch.allclose(counted_pads.gram_in, unpadded.gram_in)
+
+
+def test_outlier_ratio_counts_activations_above_tau_times_mean():
+    block = _tiny_moe_block()
+    hidden = torch.randn(1, 20, 32, generator=_generator(4))
+    mask = torch.ones(1, 20, dtype=torch.bool)
+    stats = _run_stats(block, hidden, mask)
+    hook = ExpertStatisticsHook(stats, block.experts)
+    hook.outlier_threshold = 2.0 * stats.mean_abs_activation
+    hook.token_mask = mask.reshape(-1)
+    with torch.no_grad():
+        block(hidden)
+    hook.remove()
+    # by hand: the activations of each expert on its routed tokens
+    _, _, top_k = block.gate(hidden.reshape(-1, 32))
+    from offline.calibration import expert_activations
+
+    for e in range(4):
+        routed = (top_k == e).any(-1)
+        act = expert_activations(block.experts, e, hidden.reshape(-1, 32)[routed]).abs()
+        expected = float((act > 2.0 * act.mean()).double().mean()) if routed.any() else 0.0
+        assert float(stats.outlier_ratio()[e]) == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+def test_calibration_sampling_is_seeded_and_rejects_short_text():
+    tokens = torch.arange(1000)
+    a = sample_windows(tokens, 4, 64, seed=7, source="x")
+    b = sample_windows(tokens, 4, 64, seed=7, source="x")
+    c = sample_windows(tokens, 4, 64, seed=8, source="x")
+    assert torch.equal(a.input_ids, b.input_ids) and a.info.sha256 == b.info.sha256
+    assert a.info.sha256 != c.info.sha256
+    with pytest.raises(CalibrationError, match="shorter than one sample"):
+        sample_windows(torch.arange(50), 4, 64, seed=0, source="short.txt")
