@@ -305,3 +305,20 @@ def test_dense_checkpoint_with_a_missing_tensor_is_refused(dense_dirs, workdir):
     broken = _edited_copy(dense_dirs["qwen3_moe"], workdir / "dense-missing", lambda t, c: t.pop(name))
     with pytest.raises(CheckpointError, match=r"missing_keys.*layers\.3\.self_attn\.o_proj"):
         load_reference_model(broken)
+
+
+def test_fused_expert_tensors_are_read(dense_dirs, workdir, input_ids):
+    """A dense checkpoint storing transformers 5's fused experts ([E, 2I, H] / [E, H, I]) converts too."""
+    def fuse(tensors, config):
+        for layer in range(config["num_hidden_layers"]):
+            prefix = f"model.layers.{layer}.mlp.experts"
+            gate, up, down = ([tensors.pop(f"{prefix}.{e}.{proj}.weight") for e in range(8)]
+                              for proj in ("gate_proj", "up_proj", "down_proj"))
+            tensors[f"{prefix}.gate_up_proj"] = torch.cat([torch.stack(gate), torch.stack(up)], dim=1)
+            tensors[f"{prefix}.down_proj"] = torch.stack(down)
+
+    fused = _edited_copy(dense_dirs["qwen3_moe"], workdir / "fused", fuse)
+    dense = _logits(dense_dirs["qwen3_moe"], input_ids)
+    full = write_full_rank_checkpoint(fused, workdir / "fused-full", basis="orthogonal")
+    assert "model.layers.0.mlp.moe_svd_in.weight" in CheckpointTensors(full).names()
+    assert _max_diff(dense, _logits(full, input_ids)) <= _tolerance(dense)
