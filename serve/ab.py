@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serve.ab_report import ABReport
-from serve.endpoints import Endpoint, EndpointError, describe_unreachable, resolve_endpoint
+from serve.endpoints import (Endpoint, EndpointError, describe_unreachable, list_models,
+                             resolve_endpoint)
 from serve.http import HTTPError, post_json
 from serve.loadgen import GenerationSettings, LoadRun, run_load
 from serve.prompts import (DEFAULT_NUM_PROMPTS, DEFAULT_SEED, DEFAULT_WORDS_PER_PROMPT, PromptError,
                            load_prompts, prompts_sha256)
-from serve.quality import QualitySettings, compare_quality, score_prompts
+from serve.quality import PromptScores, QualitySettings, compare_quality, score_prompts
 from serve.speed import per_request_series, speed_metrics, speed_ratios
 
 logger = logging.getLogger(__name__)
@@ -154,8 +155,24 @@ def _account_load(run: LoadRun, accounting: ArmAccounting) -> None:
                    sum(r.output_tokens for r in done))
 
 
+def _arm_is_down(endpoint: Endpoint, run: LoadRun) -> bool:
+    """Every request of the run failed and the server no longer lists its models."""
+    if any(r.success for r in run.results):
+        return False
+    try:
+        list_models(endpoint.base_url, timeout=5.0)
+    except EndpointError:
+        return True
+    return False
+
+
+def _skipped_metrics(reason: str, count: int) -> dict:
+    return {"skipped": reason, "completed": 0, "failed": count}
+
+
 def _speed_phase(arms: dict[str, Endpoint], prompts, options: ABOptions,
-                 accounting: dict[str, ArmAccounting], problems: list[str]) -> tuple[list, dict]:
+                 accounting: dict[str, ArmAccounting], problems: list[str],
+                 down: dict[str, str]) -> tuple[list, dict]:
     settings = GenerationSettings(max_tokens=options.max_tokens, ignore_eos=options.ignore_eos,
                                   request_timeout_s=options.request_timeout_s)
     levels, series = [], {}
@@ -166,6 +183,9 @@ def _speed_phase(arms: dict[str, Endpoint], prompts, options: ABOptions,
                  "request_rate": "inf" if rate == float("inf") else rate, "order": list(order)}
         series[name] = {}
         for label in order:
+            if label in down:
+                entry[label] = _skipped_metrics(down[label], len(prompts))
+                continue
             run = run_load(arms[label], prompts, settings, max_concurrency=max_concurrency,
                            request_rate=rate, seed=options.seed, show_progress=options.show_progress)
             _account_load(run, accounting[label])
@@ -175,19 +195,27 @@ def _speed_phase(arms: dict[str, Endpoint], prompts, options: ABOptions,
                 first = next(r.error for r in run.results if not r.success)
                 problems.append(f"arm {label} {name}: {entry[label]['failed']} of {len(run.results)} "
                                 f"requests failed (first: {first[:300]})")
+            if _arm_is_down(arms[label], run):
+                down[label] = (f"arm {label} stopped answering during {name} (server down?); its later "
+                               "levels and quality were skipped, earlier results are kept")
+                problems.append(down[label])
         entry["b_over_a"] = speed_ratios(entry["A"], entry["B"])
         levels.append(entry)
-        logger.info("%s: output tok/s A %.1f, B %.1f", name, entry["A"]["output_throughput"],
-                    entry["B"]["output_throughput"])
+        logger.info("%s: output tok/s A %s, B %s", name, entry["A"].get("output_throughput"),
+                    entry["B"].get("output_throughput"))
     return levels, series
 
 
 def _quality_phase(arms: dict[str, Endpoint], prompts, options: ABOptions,
-                   accounting: dict[str, ArmAccounting], problems: list[str]) -> dict:
+                   accounting: dict[str, ArmAccounting], problems: list[str], down: dict[str, str]) -> dict:
     settings = QualitySettings(top_logprobs=options.top_logprobs, max_tokens=options.quality_max_tokens,
                                request_timeout_s=options.request_timeout_s)
     scores = {}
     for label in ARMS:
+        if label in down:
+            scores[label] = [PromptScores(prompt_index=i, error=f"skipped: {down[label]}")
+                             for i in range(len(prompts))]
+            continue
         scores[label] = score_prompts(arms[label], prompts, settings, show_progress=options.show_progress)
         ok = [s for s in scores[label] if s.ok]
         accounting[label].add("quality", len(prompts), len(ok), sum(s.prompt_tokens for s in ok),
@@ -218,8 +246,9 @@ def run_ab(options: ABOptions) -> ABReport:
     accounting = {label: ArmAccounting() for label in ARMS}
     for label in ARMS:
         _warm_up(arms[label], prompts[0].text, options, accounting[label], problems)
-    speed, series = _speed_phase(arms, prompts, options, accounting, problems)
-    quality = _quality_phase(arms, prompts, options, accounting, problems) if options.quality else None
+    down: dict[str, str] = {}  # arm -> why it was skipped from then on
+    speed, series = _speed_phase(arms, prompts, options, accounting, problems, down)
+    quality = _quality_phase(arms, prompts, options, accounting, problems, down) if options.quality else None
     metadata = {
         "tool": "moesvd ab",
         "started_at": started_wall.isoformat(timespec="seconds"),

@@ -66,7 +66,7 @@ def plot_throughput(report, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for label in ("A", "B"):
         model = report.metadata["arms"][label]["model"]
-        ys = [e[label]["output_throughput"] for e in report.speed]
+        ys = [e[label].get("output_throughput", float("nan")) for e in report.speed]
         ax.plot(xs, ys, marker="o", label=f"{label}: {model}", **ARM_STYLES[label])
     ax.set_xlabel("max concurrency" if by_concurrency else "request rate (req/s)")
     if by_concurrency and len(set(xs)) > 1:

@@ -114,6 +114,8 @@ class ABReport:
             title = f"Speed, {entry['level']} (order {'-'.join(entry['order'])})"
             parts += [f"### {title}" if markdown else title, "",
                       _table(["metric", "A", "B", "B/A"], rows, markdown), ""]
+            parts += [f"SKIPPED {label}: {entry[label]['skipped']}" for label in ("A", "B")
+                      if entry[label].get("skipped")]
         return parts
 
     def _quality_table(self, markdown: bool) -> list[str]:

@@ -228,3 +228,39 @@ def prometheus_server(tmp_path) -> Callable[[Path], PrometheusServer]:
     yield start
     for server in started:
         server.stop()
+
+
+# ---------------------------------------------------------------- an arm with another tokenizer
+
+
+def _retokenized_copy(model_dir: Path, out_dir: Path, vocab_size: int = 300) -> Path:
+    """A copy of a fixture checkpoint with a byte-level BPE of a smaller vocabulary (other merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from offline.bundled.corpus import read_documents
+
+    shutil.copytree(model_dir, out_dir)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(read_documents("validation")[:40], trainer=trainer)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer_server(tiny_model_dir, vllm_server, tmp_path_factory):
+    """A real vLLM server whose tokenizer differs from the `ab_arms` one.
+
+    The bundled model (vocabulary 4096; the same server tests/test_bundled_model.py starts) when it is
+    in the repository, else a copy of the tiny qwen3_moe fixture with a 300-token BPE.
+    """
+    try:
+        from offline.bundled import bundled_model_dir
+
+        return vllm_server(bundled_model_dir())
+    except FileNotFoundError:
+        out = tmp_path_factory.mktemp("retokenized") / "qwen3_moe-bpe300"
+        return vllm_server(_retokenized_copy(tiny_model_dir(ARM_A_ARCH), out))
