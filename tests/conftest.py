@@ -3,5 +3,6 @@
 pytest_plugins = [
     "tests.support.servers",
     "tests.support.models",
+    "tests.support.plugin",
     "tests.support.ab_peers",
 ]

@@ -1,0 +1,279 @@
+"""The moesvd vLLM plugin, against real vLLM OpenAI servers on loopback.
+
+* Exactness: a full-rank compressed checkpoint (random orthogonal bases, a 3-bank layer, a layer left
+  dense) served by the plugin equals its dense twin served by stock vLLM: same greedy tokens, prompt and
+  generated logprobs within 1e-4 (float32). The same comparison fails for a checkpoint with a
+  transposed basis, so it does detect wiring errors.
+* Checkpoints written by `moesvd compress` (U-trimming banks included) served by the plugin equal the
+  PyTorch reference (offline.reference): same greedy tokens, logprobs within 1e-3 (float32).
+* /metrics carries the moesvd_* compression series beside vLLM's own; a dense model says "not compressed".
+* Failures are loud: without the plugin vLLM refuses the architecture; a truncated shard, a missing
+  tensor, a wrong rank, an unknown format version or the per_expert form stop the server at startup with
+  an error naming the layer/tensor, and no server comes up.
+* `moesvd serve` starts a server, prints its URL, and stops it cleanly on Ctrl-C.
+bf16, torch.compile and the bundled trained model are `slow` (`-m slow`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moesvd_vllm.schema import read_moe_svd_config
+from serve.http import get_text, metric_value, parse_metrics
+from serve.launch import ServerOptions, ServerStartError, VLLMServer, free_port
+from tests.support.plugin import (
+    max_logprob_difference,
+    prompt_token_ids,
+    reference_score,
+    same_greedy_tokens,
+    score,
+)
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+CALIB = REPO / "offline" / "bundled" / "kjv_text" / "validation.txt"
+EXACT_TOLERANCE = 1e-4  # plugin vs stock vLLM, float32, same kernels up to the bases
+REFERENCE_TOLERANCE = 1e-3  # plugin vs PyTorch reference, float32
+WRONG_MODEL_MIN_DIFFERENCE = 100 * EXACT_TOLERANCE
+
+
+def _serve(model_dir: Path, **options) -> VLLMServer:
+    options.setdefault("dtype", "float32")
+    options.setdefault("enforce_eager", True)
+    return VLLMServer(ServerOptions(model=str(model_dir), **options))
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+def full_rank_pair(request, plugin_checkpoint):
+    """(arch, scores of the plugin-served full-rank checkpoint, scores of stock vLLM on its dense twin)."""
+    arch = request.param
+    compressed, dense = plugin_checkpoint("full_rank", arch), plugin_checkpoint("expanded_dense", arch)
+    prompts = prompt_token_ids(dense)
+    with _serve(compressed) as server:
+        logger.info("plugin %s full-rank: ready after %.0f s", arch, server.startup_seconds)
+        compressed_scores = score(server, prompts)
+    with _serve(dense) as server:
+        logger.info("stock %s expanded dense: ready after %.0f s", arch, server.startup_seconds)
+        dense_scores = score(server, prompts)
+    return arch, compressed_scores, dense_scores
+
+
+def test_full_rank_checkpoint_served_exactly(full_rank_pair):
+    arch, compressed, dense = full_rank_pair
+    difference = max_logprob_difference(compressed, dense)
+    logger.info("%s: plugin full-rank vs stock dense twin: max |logprob diff| %.2e", arch, difference)
+    assert same_greedy_tokens(compressed, dense)
+    assert difference <= EXACT_TOLERANCE
+
+
+def test_wrong_basis_is_detected(full_rank_pair, plugin_checkpoint):
+    """The exactness comparison is sensitive: a transposed input basis (loads fine) fails it."""
+    arch, _, dense = full_rank_pair
+    if arch != "qwen3_moe":
+        pytest.skip("one architecture is enough to show the comparison's sensitivity")
+    wrong = plugin_checkpoint("transposed_basis", arch)
+    with _serve(wrong) as server:
+        wrong_scores = score(server, prompt_token_ids(wrong))
+    difference = max_logprob_difference(wrong_scores, dense)
+    logger.info("transposed basis vs dense twin: max |logprob diff| %.2e", difference)
+    assert difference > WRONG_MODEL_MIN_DIFFERENCE
+
+
+# ----------------------------------------------------------- checkpoints written by `moesvd compress`
+
+@pytest.fixture(scope="module")
+def compressed_by_moesvd(tiny_model_dir, tmp_path_factory):
+    """Factory: arch -> `moesvd compress` output (method moe-svd: selective layers + U-trimming banks)."""
+    from offline.compress import CompressionOptions, compress
+
+    built = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            options = CompressionOptions(ratio=0.3, calib=str(CALIB), method="moe-svd", num_samples=8,
+                                         seq_len=32, batch_size=4)
+            built[arch] = compress(tiny_model_dir(arch), tmp_path_factory.mktemp("compressed") / arch,
+                                   options)
+        return built[arch]
+
+    return get
+
+
+def _compare_with_reference(model_dir: Path, server: VLLMServer, dtype: str = "float32") -> float:
+    from offline.reference import load_reference_model
+
+    prompts = prompt_token_ids(model_dir)
+    served = score(server, prompts)
+    reference = reference_score(load_reference_model(model_dir, dtype=dtype).eval(), prompts)
+    assert same_greedy_tokens(served, reference)
+    return max_logprob_difference(served, reference)
+
+
+@pytest.fixture(scope="module")
+def compressed_qwen_server(compressed_by_moesvd):
+    model_dir = compressed_by_moesvd("qwen3_moe")
+    with _serve(model_dir) as server:
+        yield model_dir, server
+
+
+def test_compressed_qwen3_moe_matches_reference(compressed_qwen_server):
+    model_dir, server = compressed_qwen_server
+    config = read_moe_svd_config(model_dir)
+    assert any(spec.num_banks < spec.num_experts for spec in config.layers.values()), \
+        "the moe-svd method should have trimmed experts into banks"
+    difference = _compare_with_reference(model_dir, server)
+    logger.info("compressed qwen3_moe: plugin vs reference max |logprob diff| %.2e", difference)
+    assert difference <= REFERENCE_TOLERANCE
+
+
+def test_compressed_mixtral_matches_reference(compressed_by_moesvd):
+    model_dir = compressed_by_moesvd("mixtral")
+    with _serve(model_dir) as server:
+        difference = _compare_with_reference(model_dir, server)
+    logger.info("compressed mixtral: plugin vs reference max |logprob diff| %.2e", difference)
+    assert difference <= REFERENCE_TOLERANCE
+
+
+# ------------------------------------------------------------------------------------------ /metrics
+
+def test_metrics_export_compression(compressed_qwen_server):
+    model_dir, server = compressed_qwen_server
+    config = read_moe_svd_config(model_dir)
+    score(server, prompt_token_ids(model_dir)[:1])
+    samples = parse_metrics(get_text(server.url("/metrics")))
+    name = server.name
+    assert metric_value(samples, "moesvd_compression_info", model_name=name, compressed="true",
+                        method=config.method, format_version=str(config.format_version)) == 1
+    assert metric_value(samples, "moesvd_expert_parameters", model_name=name,
+                        variant="dense") == config.params.expert_dense
+    assert metric_value(samples, "moesvd_expert_parameters", model_name=name,
+                        variant="compressed") == config.params.expert_compressed
+    assert metric_value(samples, "moesvd_expert_compression_ratio",
+                        model_name=name) == pytest.approx(config.params.ratio)
+    assert metric_value(samples, "moesvd_decomposed_layers", model_name=name) == len(config.layers)
+    # vLLM's own series are still there, under the same model_name
+    assert metric_value(samples, "vllm:prompt_tokens_total", model_name=name) > 0
+
+
+def test_metrics_of_a_dense_model_say_not_compressed(tiny_model_dir, vllm_server):
+    server = vllm_server(tiny_model_dir("qwen3_moe"))  # the stock server other tests share
+    samples = parse_metrics(get_text(server.url("/metrics")))
+    assert metric_value(samples, "moesvd_compression_info", model_name=server.name, compressed="false",
+                        method="none") == 1
+    assert not any(name.startswith("moesvd_expert") for name, _ in samples)
+
+
+# ------------------------------------------------------------------------------------ loud failures
+
+def _start_fails(model_dir: Path, **options) -> str:
+    server = _serve(model_dir, **options)
+    with pytest.raises(ServerStartError) as failure:
+        server.start()
+    assert server.process is None  # stopped: nothing left serving
+    return str(failure.value)
+
+
+def test_without_the_plugin_vllm_refuses_the_architecture(plugin_checkpoint):
+    message = _start_fails(plugin_checkpoint("full_rank"), env={"VLLM_PLUGINS": ""})
+    assert "MoESVDQwen3MoeForCausalLM" in message
+    assert "not supported" in message
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("missing_tensor", ["decoder layer 1", "model.layers.1.mlp.experts.2.", "missing"]),
+    ("wrong_rank", ["decoder layer 2", "tensor model.layers.2.mlp.", "rank 160"]),
+    ("unknown_version", ["format_version", "99"]),
+    ("truncated_shard", ["truncated"]),
+    ("per_expert", ["per_expert", "shared_basis"]),
+])
+def test_broken_checkpoints_fail_at_startup(plugin_checkpoint, kind, expected):
+    message = _start_fails(plugin_checkpoint(kind))
+    for fragment in expected:
+        assert fragment in message, f"{fragment!r} not in the startup error:\n{message}"
+
+
+# --------------------------------------------------------------------------------------- moesvd serve
+
+def test_moesvd_serve_runs_in_foreground_and_stops_on_ctrl_c(plugin_checkpoint, tmp_path):
+    port = free_port()
+    command = [sys.executable, "-m", "moesvd_vllm.cli", "serve", str(plugin_checkpoint("full_rank")),
+               "--port", str(port), "--dtype", "float32", "--enforce-eager",
+               "--log-file", str(tmp_path / "vllm.log")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if "Press Ctrl-C to stop" in line or process.poll() is not None:
+                break
+        output = "".join(lines)
+        assert f"http://127.0.0.1:{port}/v1" in output, output
+        assert "compressed checkpoint" in output
+        models = get_text(f"http://127.0.0.1:{port}/v1/models")
+        assert "full_rank" in models
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0
+        assert "stopped" in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    with pytest.raises(OSError):
+        get_text(f"http://127.0.0.1:{port}/health", timeout=5)
+
+
+# --------------------------------------------------------------------------------- slow: bf16, compile
+
+@pytest.mark.slow
+def test_bfloat16_with_float32_bases(compressed_by_moesvd):
+    """bf16 model with float32 bases vs the float32 reference: same greedy tokens, logprobs close."""
+    model_dir = compressed_by_moesvd("qwen3_moe")
+    with _serve(model_dir, dtype="bfloat16") as server:
+        from offline.reference import load_reference_model
+
+        prompts = prompt_token_ids(model_dir)
+        served = score(server, prompts)
+        reference = reference_score(load_reference_model(model_dir, dtype="float32").eval(), prompts)
+    difference = max_logprob_difference(served, reference)
+    logger.info("compressed qwen3_moe bf16 (fp32 bases) vs fp32 reference: max |logprob diff| %.3f, "
+                "greedy tokens equal: %s", difference, same_greedy_tokens(served, reference))
+    assert difference <= 0.25
+
+
+@pytest.mark.slow
+def test_torch_compile_full_rank_matches_dense(plugin_checkpoint):
+    compressed, dense = plugin_checkpoint("full_rank"), plugin_checkpoint("expanded_dense")
+    prompts = prompt_token_ids(dense)
+    with _serve(compressed, enforce_eager=False) as server:
+        logger.info("plugin full-rank with torch.compile: ready after %.0f s", server.startup_seconds)
+        compiled = score(server, prompts)
+    with _serve(dense) as server:
+        eager_dense = score(server, prompts)
+    assert same_greedy_tokens(compiled, eager_dense)
+    assert max_logprob_difference(compiled, eager_dense) <= EXACT_TOLERANCE
+
+
+@pytest.mark.slow
+def test_bundled_model_compressed_matches_reference(tmp_path):
+    try:
+        from offline.bundled import bundled_model_dir
+
+        dense = bundled_model_dir()
+    except (ImportError, FileNotFoundError) as error:
+        pytest.fail(f"the bundled model is not available: {error}")
+    from offline.compress import CompressionOptions, compress
+
+    options = CompressionOptions(ratio=0.3, calib=str(CALIB), num_samples=16, seq_len=128, batch_size=4)
+    model_dir = compress(dense, tmp_path / "bundled-compressed", options)
+    with _serve(model_dir) as server:
+        difference = _compare_with_reference(model_dir, server)
+    logger.info("compressed bundled model: plugin vs reference max |logprob diff| %.2e", difference)
+    assert difference <= REFERENCE_TOLERANCE
