@@ -13,7 +13,7 @@ all stay as transformers implements them, and every routing decision uses the fu
 A transformers 5 MoE block calls `experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`;
 the replacements keep that signature. Expert e of a shared_basis layer computes
 
-    B @ down_k( act(gate_k(A x)) * up_k(A x) ),   k = bank_map[e],  A = moe_svd_in [r, H], B = moe_svd_out [H, r]
+    B @ down_k( act(gate_k(A x)) * up_k(A x) ),  k = bank_map[e],  A = moe_svd_in [r, H],  B = moe_svd_out [H, r]
 
 and the routing-weighted sum over the selected experts is taken in the rank space before B is applied
 (B is linear, so this equals applying B per expert). A per_expert layer computes

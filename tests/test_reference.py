@@ -61,6 +61,18 @@ def input_ids() -> torch.Tensor:
     return torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(scope="module")
+def dense_logits(dense_dirs, input_ids):
+    """arch -> logits of the dense fixture model (loaded by plain transformers), computed once."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def get(arch: str) -> torch.Tensor:
+        if arch not in cache:
+            cache[arch] = _logits(dense_dirs[arch], input_ids)
+        return cache[arch]
+    return get
+
+
 def _logits(model_or_dir, input_ids: torch.Tensor) -> torch.Tensor:
     model = load_reference_model(model_or_dir) if isinstance(model_or_dir, (str, Path)) else model_or_dir
     with torch.no_grad():
@@ -78,9 +90,9 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("basis", ["identity", "orthogonal"])
-def test_full_rank_shared_basis_reproduces_dense(arch, basis, dense_dirs, workdir, input_ids):
+def test_full_rank_shared_basis_reproduces_dense(arch, basis, dense_dirs, workdir, input_ids, dense_logits):
     out = write_full_rank_checkpoint(dense_dirs[arch], workdir / f"fr-{arch}-{basis}", basis=basis)
-    dense = _logits(dense_dirs[arch], input_ids)
+    dense = dense_logits(arch)
     compressed = _logits(out, input_ids)
     assert _max_diff(dense, compressed) <= _tolerance(dense)
     if basis == "identity":  # identity bases and unchanged factors: every product is exact
@@ -88,9 +100,9 @@ def test_full_rank_shared_basis_reproduces_dense(arch, basis, dense_dirs, workdi
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_wrong_reference_is_detected(arch, dense_dirs, workdir, input_ids):
+def test_wrong_reference_is_detected(arch, dense_dirs, workdir, input_ids, dense_logits):
     out = write_full_rank_checkpoint(dense_dirs[arch], workdir / f"wrong-{arch}", basis="orthogonal", seed=3)
-    dense = _logits(dense_dirs[arch], input_ids)
+    dense = dense_logits(arch)
     model = load_reference_model(out)
     experts = model.model.layers[1].mlp.experts
     assert isinstance(experts, SharedBasisExperts)
@@ -105,7 +117,7 @@ def test_wrong_reference_is_detected(arch, dense_dirs, workdir, input_ids):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_bank_checkpoint_equals_expanded_dense(arch, dense_dirs, workdir, input_ids):
+def test_bank_checkpoint_equals_expanded_dense(arch, dense_dirs, workdir, input_ids, dense_logits):
     banked = write_full_rank_checkpoint(dense_dirs[arch], workdir / f"bank-{arch}", bank_map=BANK_MAP,
                                         basis="orthogonal")
     expanded = write_expanded_dense_checkpoint(dense_dirs[arch], workdir / f"expanded-{arch}",
@@ -115,13 +127,13 @@ def test_bank_checkpoint_equals_expanded_dense(arch, dense_dirs, workdir, input_
     expanded_logits = _logits(expanded, input_ids)
     assert _max_diff(expanded_logits, _logits(banked, input_ids)) <= _tolerance(expanded_logits)
     # the map changes the model, so comparing with the original dense model would fail
-    assert _max_diff(expanded_logits, _logits(dense_dirs[arch], input_ids)) > WRONG_BY
+    assert _max_diff(expanded_logits, dense_logits(arch)) > WRONG_BY
 
 
 @pytest.mark.parametrize("arch", [a for a in TINY_ARCHS if a not in ARCHS])
-def test_other_architectures_shared_basis_and_banks(arch, dense_dirs, workdir, input_ids):
+def test_other_architectures_shared_basis_and_banks(arch, dense_dirs, workdir, input_ids, dense_logits):
     """Routing with shared experts (qwen2_moe, deepseek_v2), sparsemixer (phimoe), dense first layers."""
-    dense = _logits(dense_dirs[arch], input_ids)
+    dense = dense_logits(arch)
     full = write_full_rank_checkpoint(dense_dirs[arch], workdir / f"other-{arch}", basis="orthogonal")
     assert _max_diff(dense, _logits(full, input_ids)) <= _tolerance(dense)
     banked = write_full_rank_checkpoint(dense_dirs[arch], workdir / f"other-bank-{arch}", bank_map=BANK_MAP)
@@ -133,10 +145,10 @@ def test_other_architectures_shared_basis_and_banks(arch, dense_dirs, workdir, i
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_per_expert_full_rank_reproduces_dense(arch, dense_dirs, workdir, input_ids):
+def test_per_expert_full_rank_reproduces_dense(arch, dense_dirs, workdir, input_ids, dense_logits):
     out = write_full_rank_checkpoint(dense_dirs[arch], workdir / f"pe-{arch}", form="per_expert",
                                      basis="orthogonal")
-    dense = _logits(dense_dirs[arch], input_ids)
+    dense = dense_logits(arch)
     assert _max_diff(dense, _logits(out, input_ids)) <= _tolerance(dense)
 
 
@@ -173,7 +185,8 @@ def test_full_rank_checkpoint_layout(dense_dirs, workdir):
         write_full_rank_checkpoint(out, workdir / "twice")
 
 
-def test_expand_to_dense_state_dict_of_a_low_rank_checkpoint(dense_dirs, workdir, input_ids):
+def test_expand_to_dense_state_dict_of_a_low_rank_checkpoint(dense_dirs, workdir, input_ids,
+                                                             dense_logits):
     """A genuinely low-rank shared_basis checkpoint (r = 32 < H) equals its expansion loaded by transformers."""
     full = write_full_rank_checkpoint(dense_dirs["qwen3_moe"], workdir / "lr-full", basis="orthogonal")
     low = _edited_copy(full, workdir / "lr-low", _truncate_rank(32))
@@ -182,7 +195,7 @@ def test_expand_to_dense_state_dict_of_a_low_rank_checkpoint(dense_dirs, workdir
     assert len(expand_to_dense_state_dict(low)) == len(CheckpointTensors(dense_dirs["qwen3_moe"]).names())
     reference = _logits(low, input_ids)
     assert _max_diff(reference, _logits(expanded, input_ids)) <= _tolerance(reference)
-    assert _max_diff(reference, _logits(dense_dirs["qwen3_moe"], input_ids)) > WRONG_BY
+    assert _max_diff(reference, dense_logits("qwen3_moe")) > WRONG_BY
 
 
 # ---- errors -----------------------------------------------------------------------------------------
@@ -307,7 +320,7 @@ def test_dense_checkpoint_with_a_missing_tensor_is_refused(dense_dirs, workdir):
         load_reference_model(broken)
 
 
-def test_fused_expert_tensors_are_read(dense_dirs, workdir, input_ids):
+def test_fused_expert_tensors_are_read(dense_dirs, workdir, input_ids, dense_logits):
     """A dense checkpoint storing transformers 5's fused experts ([E, 2I, H] / [E, H, I]) converts too."""
     def fuse(tensors, config):
         for layer in range(config["num_hidden_layers"]):
@@ -318,7 +331,7 @@ def test_fused_expert_tensors_are_read(dense_dirs, workdir, input_ids):
             tensors[f"{prefix}.down_proj"] = torch.stack(down)
 
     fused = _edited_copy(dense_dirs["qwen3_moe"], workdir / "fused", fuse)
-    dense = _logits(dense_dirs["qwen3_moe"], input_ids)
+    dense = dense_logits("qwen3_moe")
     full = write_full_rank_checkpoint(fused, workdir / "fused-full", basis="orthogonal")
     assert "model.layers.0.mlp.moe_svd_in.weight" in CheckpointTensors(full).names()
     assert _max_diff(dense, _logits(full, input_ids)) <= _tolerance(dense)
