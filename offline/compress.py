@@ -329,21 +329,25 @@ def _shared_basis_layer(model: LayerwiseModel, index: int, experts: LayerExperts
     basis_dtype, model_dtype = torch_dtype(options.basis_dtype), experts.gate.dtype
     basis_in = basis_in.to(basis_dtype).double()
     basis_out = basis_out.to(basis_dtype).double()
-    gate_f = [dec.fit_input_factor(experts.gate[e], basis_in, grams_in[e]) for e in range(num_experts)]
-    up_f = [dec.fit_input_factor(experts.up[e], basis_in, grams_in[e]) for e in range(num_experts)]
-    down_f = [dec.fit_output_factor(experts.down[e], basis_out) for e in range(num_experts)]
-    gate_f, up_f, down_f = ([f.to(model_dtype).double() for f in fs] for fs in (gate_f, up_f, down_f))
-    own_gate = torch.stack([g @ basis_in for g in gate_f])
-    own_up = torch.stack([u @ basis_in for u in up_f])
-    own_down = torch.stack([basis_out @ d for d in down_f])
+    inter = dims.intermediate
+    gate_up_f = [dec.fit_input_factor(torch.cat([experts.gate[e], experts.up[e]]), basis_in, grams_in[e])
+                 .to(model_dtype) for e in range(num_experts)]  # one solve serves gate and up
+    gate_f = [f[:inter] for f in gate_up_f]
+    up_f = [f[inter:] for f in gate_up_f]
+    down_f = [dec.fit_output_factor(experts.down[e], basis_out).to(model_dtype) for e in range(num_experts)]
+    # what the stored (rounded) factors compute, float32 to bound memory on large layers
+    own_gate = torch.stack([(g.double() @ basis_in).float() for g in gate_f])
+    own_up = torch.stack([(u.double() @ basis_in).float() for u in up_f])
+    own_down = torch.stack([(basis_out @ d.double()).float() for d in down_f])
 
     keep = options.effective_trim_keep
     if keep is None or keep >= min(options.trim_group_size, num_experts):
         bank_map, kept = list(range(num_experts)), list(range(num_experts))
     else:  # U-trimming: serve each trimmed expert by the kept expert that reproduces it best
-        distance = torch.zeros(num_experts, num_experts, dtype=torch.float64)
+        distance = torch.full((num_experts, num_experts), float("inf"), dtype=torch.float64)
+        group = options.trim_group_size
         for e in range(num_experts):
-            for k in range(num_experts):
+            for k in range((e // group) * group, min((e // group + 1) * group, num_experts)):
                 distance[e, k] = (dec.whitened_error(experts.gate[e], own_gate[k], grams_in[e])[0]
                                   + dec.whitened_error(experts.up[e], own_up[k], grams_in[e])[0]
                                   + dec.whitened_error(experts.down[e], own_down[k], grams_mid[e])[0])
@@ -355,9 +359,9 @@ def _shared_basis_layer(model: LayerwiseModel, index: int, experts: LayerExperts
     tensors = {f"{prefix}.moe_svd_in.weight": basis_in.to(basis_dtype),
                f"{prefix}.moe_svd_out.weight": basis_out.to(basis_dtype)}
     for bank, e in enumerate(kept):
-        tensors[f"{prefix}.experts.{bank}.{layout.gate_proj}.weight"] = gate_f[e].to(model_dtype)
-        tensors[f"{prefix}.experts.{bank}.{layout.up_proj}.weight"] = up_f[e].to(model_dtype)
-        tensors[f"{prefix}.experts.{bank}.{layout.down_proj}.weight"] = down_f[e].to(model_dtype)
+        tensors[f"{prefix}.experts.{bank}.{layout.gate_proj}.weight"] = gate_f[e].contiguous()
+        tensors[f"{prefix}.experts.{bank}.{layout.up_proj}.weight"] = up_f[e].contiguous()
+        tensors[f"{prefix}.experts.{bank}.{layout.down_proj}.weight"] = down_f[e].contiguous()
     source = [kept[k] for k in bank_map]
     gate, up, down = own_gate[source], own_up[source], own_down[source]
     return DecomposedLayer(spec, tensors, gate, up, down, _errors(experts, gate, up, down, grams_in, grams_mid))
@@ -383,7 +387,7 @@ def _per_expert_layer(model: LayerwiseModel, index: int, experts: LayerExperts, 
             a, b = low.a.to(model_dtype), low.b.to(model_dtype)
             tensors[f"{prefix}.experts.{e}.{proj}.lora_a"] = a
             tensors[f"{prefix}.experts.{e}.{proj}.lora_b"] = b
-            approx[key].append(b.double() @ a.double())
+            approx[key].append((b.double() @ a.double()).float())
     gate, up, down = (torch.stack(approx[k]) for k in ("gate", "up", "down"))
     spec = LayerSpec(form="per_expert", rank=rank, num_experts=dims.num_experts,
                      bank_map=list(range(dims.num_experts)), basis_dtype=options.basis_dtype,

@@ -267,3 +267,31 @@ def test_interrupted_run_leaves_nothing_behind(tiny_model_dir, tmp_path, sig):
     output = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode != 0, output[-2000:]
     assert _entries(work) == set(), output[-2000:]
+
+
+def test_fused_expert_tensors_are_read(tiny_model_dir, tmp_path):
+    """transformers 5 fused experts on disk (gate_up_proj [E, 2I, H], down_proj [E, H, I]) compress the
+    same as the Hub's per-expert names."""
+    dense = tiny_model_dir("qwen3_moe")
+    model = _copy(dense, tmp_path / "model")
+    config = read_config(model)
+    dims, layout = moe_dims(config), moe_layout(config["model_type"])
+    with safe_open(model / "model.safetensors", framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    for index in moe_layer_indices(config):
+        prefix = f"model.layers.{index}.{layout.moe_module}.experts"
+        pop = [lambda e, n=n: tensors.pop(f"{prefix}.{e}.{n}.weight")
+               for n in (layout.gate_proj, layout.up_proj, layout.down_proj)]
+        gate, up, down = (torch.stack([get(e) for e in range(dims.num_experts)]) for get in pop)
+        tensors[f"{prefix}.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        tensors[f"{prefix}.down_proj"] = down
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    options = _options(ratio=0.3)
+    fused_out = compress(model, tmp_path / "fused", options)
+    plain_out = compress(dense, tmp_path / "plain", options)
+    fused, plain = CheckpointTensors(fused_out), CheckpointTensors(plain_out)
+    block = read_moe_svd_config(fused_out)
+    assert block.layers == read_moe_svd_config(plain_out).layers
+    for index in block.decomposed_layers:
+        for name in expected_layer_tensors(config["model_type"], index, block.layer(index), dims, "float32"):
+            assert torch.equal(fused.get(name), plain.get(name)), name
