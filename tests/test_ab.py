@@ -157,15 +157,45 @@ def test_cli_prints_the_table_and_writes_the_report(ab_arms, tmp_path, capsys):
     prompts.write_text("\n".join(json.dumps({"prompt": f"And the LORD spake unto Moses, saying {i}"})
                                  for i in range(3)) + "\n")
     code = moesvd_main(["ab", "--a", server_a.base_url, "--b", server_b.base_url + "/v1",
-                        "--prompts", str(prompts), "--concurrency", "2", "--max-tokens", "4",
+                        "--prompts", str(prompts), "--request-rate", "50", "--max-tokens", "4",
                         "--quality-max-tokens", "4", "--top-logprobs", "3", "--out", str(tmp_path / "out"),
                         "--no-plots", "--no-progress"])
     printed = capsys.readouterr().out
     assert code == 0
-    assert "Speed, concurrency=2" in printed and "output throughput (tok/s)" in printed
+    assert "Speed, request_rate=50" in printed and "output throughput (tok/s)" in printed
     assert f"A: {server_a.name} at {server_a.base_url}" in printed
     reports = list((tmp_path / "out").glob("ab-report-*.json"))
     assert len(reports) == 1
     data = json.loads(reports[0].read_text())
     assert data["metadata"]["prompts"]["source"] == f"jsonl: {prompts}"
     assert data["speed"][0]["A"]["completed"] == 3
+    assert data["speed"][0]["request_rate"] == 50 and data["speed"][0]["max_concurrency"] is None
+
+
+@pytest.fixture(scope="module")
+def full_rank_twin_server(tiny_model_dir, vllm_server, tmp_path_factory):
+    """The plugin serving an exact full-rank compressed twin of arm A's dense tiny qwen3_moe."""
+    from offline.full_rank import write_full_rank_checkpoint
+
+    dense_dir = tiny_model_dir("qwen3_moe")
+    twin = write_full_rank_checkpoint(dense_dir, tmp_path_factory.mktemp("ab_twin") / "qwen3_moe-full-rank",
+                                      basis="orthogonal")
+    return vllm_server(twin)
+
+
+def test_dense_against_its_exact_compressed_twin(ab_arms, full_rank_twin_server):
+    """A stock dense server against the plugin serving the same function in compressed form."""
+    dense, _ = ab_arms
+    report = run_ab(ABOptions(a_url=dense.base_url, b_url=full_rank_twin_server.base_url, num_prompts=8,
+                              concurrency=(1, 4), max_tokens=MAX_TOKENS, quality_max_tokens=8,
+                              top_logprobs=5, show_progress=False))
+    assert report.complete, report.problems
+    assert report.metadata["arms"]["B"]["model"] == "qwen3_moe-full-rank"
+    quality = report.quality
+    assert quality["same_tokenization"]
+    assert abs(quality["mean_delta_nll"]) < 1e-3
+    assert quality["kl_a_b_topk_lower_bound"] < 1e-3
+    assert quality["top1_agreement"] >= 99.0
+    assert quality["perplexity_ratio"] == pytest.approx(1.0, abs=1e-3)
+    for level in report.speed:
+        assert level["B"]["completed"] == 8 and level["b_over_a"]["output_throughput"] > 0
