@@ -79,6 +79,7 @@ class VLLMServer:
             os.close(fd)
             self.log_path = Path(path)
         self.process: subprocess.Popen | None = None
+        self._spawned_at = 0.0
         self.startup_seconds: float | None = None
 
     @property
@@ -112,20 +113,28 @@ class VLLMServer:
         return env
 
     def start(self) -> "VLLMServer":
-        cmd = self.command()
+        """Spawn the server and block until it is healthy."""
+        return self.spawn().wait_until_ready()
+
+    def spawn(self) -> "VLLMServer":
+        """Start the server process without waiting (several servers can then start side by side)."""
         logger.info("starting vLLM server for %s on port %d (log: %s)", self.name, self.port,
                     self.log_path)
-        started = time.monotonic()
+        self._spawned_at = time.monotonic()
         with open(self.log_path, "ab") as log:
             # A new session so that stop() can signal vLLM's engine-core and worker children too.
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                             env=self.environment(), start_new_session=True)
+        return self
+
+    def wait_until_ready(self) -> "VLLMServer":
+        """Block until a spawned server answers /health; stop it and raise if it cannot."""
         try:
-            self._wait_healthy(started)
+            self._wait_healthy(self._spawned_at)
         except BaseException:
             self.stop()
             raise
-        self.startup_seconds = time.monotonic() - started
+        self.startup_seconds = time.monotonic() - self._spawned_at
         logger.info("vLLM server %s ready in %.0f s", self.name, self.startup_seconds)
         return self
 
