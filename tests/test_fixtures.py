@@ -141,6 +141,14 @@ def test_routing_is_not_degenerate(arch, tiny_model_dir):
         assert counts.max() <= 0.5 * chosen.numel(), f"layer {layer}: usage {counts.tolist()}"
 
 
+def test_phimoe_keeps_the_hub_biases_with_a_zero_lm_head_bias(tiny_model_dir):
+    """vLLM 0.32's PhiMoE never adds lm_head.bias; the fixture keeps the tensor but makes it zero."""
+    tensors = disk_tensors(tiny_model_dir("phimoe"))
+    assert torch.count_nonzero(tensors["lm_head.bias"]) == 0
+    assert torch.count_nonzero(tensors["model.layers.0.self_attn.o_proj.bias"]) > 0
+    assert torch.count_nonzero(tensors["model.norm.bias"]) > 0
+
+
 def test_same_seed_gives_byte_identical_files_and_another_seed_differs(tmp_path):
     first = build_tiny_checkpoint("qwen3_moe", tmp_path / "a", seed=3)
     second = build_tiny_checkpoint("qwen3_moe", tmp_path / "b", seed=3)
