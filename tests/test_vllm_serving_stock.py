@@ -27,6 +27,16 @@ MAX_TOKENS = 8
 TOP_LOGPROBS = 5
 LOGPROB_TOLERANCE = 2e-3  # float32 on both sides; vLLM's kernels differ from transformers' in op order
 
+
+def server_extra_args(arch: str) -> list[str]:
+    """Per-architecture vLLM flags. deepseek_v2 (MLA attention): on CPUs with AMX, vLLM 0.32 picks the
+    AMX_MLA backend, which rejects float32 weights ("expect weight to be bfloat16, float16, ..."); the
+    reference CPU_MLA backend serves float32, so ask for it explicitly on CPU hosts."""
+    if arch == "deepseek_v2" and not torch.cuda.is_available():
+        return ["--attention-backend", "CPU_MLA"]
+    return []
+
+
 ARCH_PARAMS = [pytest.param(a, id=a) for a in DEFAULT_ARCHS] + [
     pytest.param(a, id=a, marks=pytest.mark.slow) for a in SLOW_ARCHS]
 
@@ -43,7 +53,9 @@ def served(request, tiny_model_dir, vllm_server):
         logger.info("stock vLLM %s: ready after %.0f s", arch, server.startup_seconds)
         yield arch, model_dir, server
         return
-    with VLLMServer(ServerOptions(model=str(model_dir), dtype="float32", enforce_eager=True)) as server:
+    options = ServerOptions(model=str(model_dir), dtype="float32", enforce_eager=True,
+                            extra_args=server_extra_args(arch))
+    with VLLMServer(options) as server:
         logger.info("stock vLLM %s: ready after %.0f s", arch, server.startup_seconds)
         yield arch, model_dir, server
 
@@ -93,8 +105,19 @@ def test_completion_has_finite_peaked_logprobs(served):
         assert logprobs["token_logprobs"][step] == pytest.approx(best, abs=1e-4), "greedy != argmax"
 
 
-def test_greedy_tokens_and_logprobs_match_transformers(served):
+# Measured 2026-11-23: stock vLLM 0.32 (CPU_MLA backend) and transformers 5.19 agree exactly on
+# deepseek_v2 at prompt position 0 and everywhere once the RoPE parts of q_proj/kv_a_proj_with_mqa are
+# zeroed, but differ from position 1 on with them: the two apply the interleaved RoPE of MLA
+# differently (vLLM's rotary op alone matches the interleaved reference). strict: XPASS => remove.
+KNOWN_MISMATCH = {
+    "deepseek_v2": "vLLM 0.32 CPU MLA and transformers 5.19 disagree on deepseek_v2's RoPE part",
+}
+
+
+def test_greedy_tokens_and_logprobs_match_transformers(served, request):
     arch, model_dir, server = served
+    if arch in KNOWN_MISMATCH:
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=KNOWN_MISMATCH[arch]))
     logprobs = complete(server)["choices"][0]["logprobs"]
     vllm_tokens = [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]]
     hf_tokens, hf_logprobs = transformers_greedy(model_dir, PROMPT, MAX_TOKENS)
