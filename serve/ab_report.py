@@ -100,6 +100,24 @@ class ABReport:
                 return entry
         raise KeyError(f"no speed level {level!r}; levels: {[e['level'] for e in self.speed]}")
 
+    def headline(self) -> str:
+        """One line for demos and logs: B/A output tokens/s per level and the main quality numbers."""
+        speed = ", ".join(
+            f"{e['level']}: {_fmt(e['b_over_a'].get('output_throughput'))}x" for e in self.speed)
+        parts = [f"B/A output tok/s {speed}" if speed else "no speed levels"]
+        q = self.quality or {}
+        if q.get("perplexity_a") is not None and q.get("perplexity_b") is not None:
+            parts.append(f"perplexity {_fmt(q['perplexity_a'])} -> {_fmt(q['perplexity_b'])}")
+        if q.get("top1_agreement") is not None:
+            parts.append(f"top-1 agreement {_fmt(q['top1_agreement'])} %")
+        if q.get("exact_match_rate") is not None:
+            parts.append(f"greedy exact match {_fmt(q['exact_match_rate'])} %")
+        if q.get("refused"):
+            parts.append("token-level quality REFUSED (different tokenizers)")
+        if not self.complete:
+            parts.append(f"PARTIAL ({len(self.problems)} problems)")
+        return "; ".join(parts)
+
     def _arm_line(self, label: str) -> str:
         arm = self.metadata["arms"][label]
         version = arm.get("server_version") or "unknown version"

@@ -15,6 +15,7 @@ its error text is kept. Nothing here raises on a bad answer.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 import random
@@ -84,9 +85,10 @@ class _SSEReader:
 
     def __init__(self) -> None:
         self.buffer = ""
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # chunks may split a character
 
     def feed(self, data: bytes) -> list[str]:
-        self.buffer += data.decode("utf-8", errors="replace")
+        self.buffer += self.decoder.decode(data).replace("\r\n", "\n")
         messages = []
         while "\n\n" in self.buffer:
             block, self.buffer = self.buffer.split("\n\n", 1)
@@ -134,7 +136,7 @@ async def _consume_stream(response: aiohttp.ClientResponse, result: RequestResul
         result.output_tokens_counted_from_chunks = True
     else:
         result.output_tokens = int(usage_tokens)
-    result.success = not result.error.startswith("error in stream")
+    result.success = not result.error.startswith("error in stream")  # a bad message alone is tolerated
 
 
 async def _send_one(session: aiohttp.ClientSession, endpoint: Endpoint, prompt: Prompt, index: int,

@@ -79,11 +79,13 @@ def _logsumexp_pair(a: float, b: float) -> float:
     return high + math.log1p(math.exp(low - high))
 
 
-def _from_vllm_prompt_logprobs(entries: list) -> tuple[list, list, list]:
-    logprobs, alternatives, top1 = [], [], []
+def _from_vllm_prompt_logprobs(entries: list) -> tuple[list, list]:
+    """vLLM's per-position {token id: {logprob, rank, decoded_token}} -> (alternatives by text, top-1)."""
+    alternatives, top1 = [], []
     for entry in entries:
         if not entry:
-            logprobs.append(None), alternatives.append(None), top1.append(None)
+            alternatives.append(None)
+            top1.append(None)
             continue
         merged: dict[str, float] = {}
         best_text, best_rank = None, math.inf
@@ -94,8 +96,7 @@ def _from_vllm_prompt_logprobs(entries: list) -> tuple[list, list, list]:
                 best_text, best_rank = text, info["rank"]
         alternatives.append(merged)
         top1.append(best_text if best_rank == 1 else max(merged, key=merged.get))
-        logprobs.append(None)  # filled from token_logprobs (the actual token's own value)
-    return logprobs, alternatives, top1
+    return alternatives, top1
 
 
 def parse_echo_answer(index: int, prompt: Prompt, answer: dict) -> PromptScores:
@@ -123,7 +124,7 @@ def parse_echo_answer(index: int, prompt: Prompt, answer: dict) -> PromptScores:
     scores.logprobs = [None if v is None else float(v) for v in token_lps[:n_prompt]]
     vllm_entries = choice.get("prompt_logprobs")
     if isinstance(vllm_entries, list) and len(vllm_entries) == n_prompt:
-        _, scores.alternatives, scores.top1 = _from_vllm_prompt_logprobs(vllm_entries)
+        scores.alternatives, scores.top1 = _from_vllm_prompt_logprobs(vllm_entries)
         scores.source = "prompt_logprobs"
     else:
         scores.alternatives = [dict(t) if t else None for t in tops[:n_prompt]]

@@ -111,6 +111,7 @@ def test_quality_between_two_models_with_one_tokenizer(ab_run):
     assert quality["kl_a_b_topk_lower_bound"] > 0  # two different random models
     assert 0 < quality["mean_shared_topk_mass_a"] <= 1 + 1e-6
     assert quality["exact_match_rate"] is not None
+    assert "B/A output tok/s concurrency=1: " in report.headline() and "top-1 agreement" in report.headline()
 
 
 def test_identical_arms_give_exact_quality_values(ab_arms):

@@ -7,6 +7,7 @@ peer that dies mid-run, or a real vLLM server with another tokenizer.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -88,7 +89,7 @@ def test_different_tokenizers_refuse_token_level_quality(ab_arms, other_tokenize
     for key in ("mean_delta_nll", "top1_agreement", "kl_a_b_topk_lower_bound", "perplexity_ratio"):
         assert quality[key] is None, key
     assert "tokenize the prompts differently" in quality["refused"]
-    assert "first difference: prompt 0 token" in quality["refused"]
+    assert re.search(r"first difference: prompt \d+", quality["refused"]), quality["refused"]
     assert quality["exact_match_rate"] is not None  # text-level, still meaningful
     assert not report.complete and any("refused" in p for p in report.problems)
     assert "REFUSED:" in report.to_console()
