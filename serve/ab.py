@@ -294,22 +294,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=Path, metavar="FILE",
                         help="prompts: .jsonl ({\"prompt\": ...} a line) or plain text cut into windows "
                              "(default: the bundled corpus test split)")
-    parser.add_argument("--num-prompts", type=int, default=DEFAULT_NUM_PROMPTS)
+    parser.add_argument("--num-prompts", type=int, default=DEFAULT_NUM_PROMPTS,
+                        help="prompts to use (default: %(default)s; a JSONL file: its first N lines)")
     parser.add_argument("--words-per-prompt", type=int, default=DEFAULT_WORDS_PER_PROMPT,
-                        help="window length when prompts come from text")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+                        help="window length when prompts come from text (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help="seed of the prompt choice and of Poisson arrivals (default: %(default)s)")
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=_int_list, default=(1, 8, 32),
                       help="max concurrent requests per level (default: 1,8,32)")
     load.add_argument("--request-rate", type=_float_list, default=(),
                       help="Poisson request rates per level, requests/s (instead of --concurrency)")
-    parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per speed request")
+    parser.add_argument("--max-tokens", type=int, default=64,
+                        help="output tokens per speed request (default: %(default)s)")
     parser.add_argument("--no-ignore-eos", action="store_true",
                         help="do not send vLLM's ignore_eos (for servers that reject it)")
     parser.add_argument("--no-quality", action="store_true", help="speed only")
-    parser.add_argument("--top-logprobs", type=int, default=20, help="k for the quality comparison")
+    parser.add_argument("--top-logprobs", type=int, default=20,
+                        help="k of the top-k log-probabilities compared (default: %(default)s; vLLM's "
+                             "--max-logprobs caps it)")
     parser.add_argument("--quality-max-tokens", type=int, default=16,
-                        help="greedy continuation length compared for exact match")
+                        help="greedy continuation length compared for exact match (default: %(default)s)")
     parser.add_argument("--out", type=Path, help="directory for ab-report-*.json, .md and PNG plots")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
