@@ -115,9 +115,10 @@ def parse_echo_answer(index: int, prompt: Prompt, answer: dict) -> PromptScores:
     if not n_prompt:
         vllm_entries = choice.get("prompt_logprobs")
         n_prompt = len(vllm_entries) if vllm_entries else 0
-    if not n_prompt or n_prompt > len(tokens):
-        scores.error = f"cannot tell prompt tokens from generated ones (usage.prompt_tokens={n_prompt}, " \
-                       f"{len(tokens)} tokens returned)"
+    if not n_prompt or n_prompt > min(len(tokens), len(token_lps), len(tops)):
+        scores.error = (f"cannot tell prompt tokens from generated ones (usage.prompt_tokens={n_prompt}; "
+                        f"returned {len(tokens)} tokens, {len(token_lps)} token_logprobs, {len(tops)} "
+                        "top_logprobs)")
         return scores
     scores.prompt_tokens, scores.completion_tokens = n_prompt, int(usage.get("completion_tokens") or 0)
     scores.tokens = list(tokens[:n_prompt])
@@ -147,7 +148,11 @@ def score_prompt(endpoint: Endpoint, index: int, prompt: Prompt, settings: Quali
         return PromptScores(prompt_index=index, error=describe_unreachable(url, err))
     except ValueError as err:  # not JSON
         return PromptScores(prompt_index=index, error=f"answer is not JSON: {err}")
-    return parse_echo_answer(index, prompt, answer)
+    try:
+        return parse_echo_answer(index, prompt, answer)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        return PromptScores(prompt_index=index, error=f"malformed echo/logprobs answer from {url} "
+                                                      f"({type(err).__name__}: {err})")
 
 
 def score_prompts(endpoint: Endpoint, prompts: list[Prompt], settings: QualitySettings,
