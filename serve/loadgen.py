@@ -156,6 +156,9 @@ async def _send_one(session: aiohttp.ClientSession, endpoint: Endpoint, prompt: 
         result.error = f"timed out after {settings.request_timeout_s:.0f} s"
     except (aiohttp.ClientError, OSError) as err:
         result.error = f"{type(err).__name__}: {err}"
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as err:
+        result.success = False
+        result.error = f"malformed streaming answer ({type(err).__name__}: {err})"
     return result
 
 
