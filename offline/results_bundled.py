@@ -33,6 +33,9 @@ VARIANTS: list[tuple[str, str, dict]] = [
 ]
 
 
+STAGES = ("calibration data", "sensitivity pass", "plan", "decomposition pass", "write")
+
+
 def _compress(model_dir: Path, out: Path, method: str, ratio: float, calib: str, extra: dict,
               calib_shape: tuple[int, int]) -> tuple[Path, float]:
     from offline.compress import CompressionOptions, compress
@@ -98,6 +101,36 @@ def run_all(model_dir: Path, work: Path, ratios: list[float], calib: str, test_t
             "wall_seconds": time.perf_counter() - started, "rows": rows}
 
 
+def render_table(results: dict) -> str:
+    """Markdown table: one row per method, one column per requested ratio (achieved ratio and ppl)."""
+    rows = results["rows"]
+    dense = next(r for r in rows if r["method"] == "dense")
+    ratios = sorted({r["requested_ratio"] for r in rows if r["method"] != "dense"})
+    labels = list(dict.fromkeys(r["label"] for r in rows if r["method"] != "dense"))
+    head = "| method | " + " | ".join(f"~{int(q * 100)} %: removed / ppl" for q in ratios) + " |"
+    lines = [f"Dense perplexity: **{dense['ppl']:.3f}** ({dense['tokens']} test tokens).", "", head,
+             "|---|" + "---|" * len(ratios)]
+    for label in labels:
+        cells = []
+        for q in ratios:
+            row = next((r for r in rows if r["label"] == label and r["requested_ratio"] == q), None)
+            if row is None or "ppl" not in row:
+                cells.append("error" if row else "-")
+            else:
+                cells.append(f"{row['achieved_ratio'] * 100:.1f} % / {row['ppl']:.3f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Compression cost per stage (seconds / peak RSS MiB):", "",
+              "| method | ratio | " + " | ".join(STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
+    for row in rows:
+        if "stages" not in row:
+            continue
+        by_name = {st["name"]: st for st in row["stages"]}
+        cells = [f"{by_name[n]['seconds']:.1f} / {by_name[n]['peak_rss_bytes'] / 2**20:.0f}" if n in by_name
+                 else "-" for n in STAGES]
+        lines.append(f"| {row['label']} | {row['achieved_ratio'] * 100:.1f} % | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     from offline.bundled import bundled_model_dir, corpus_split_path, read_split
 
@@ -117,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run_all(model_dir, args.work, args.ratios, str(corpus_split_path("train")), read_split("test"),
                       args.eval_seq_len, (args.calib_samples, args.calib_seq_len))
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    args.out.with_suffix(".md").write_text(render_table(results), encoding="utf-8")
     for row in results["rows"]:
         print(f"{row['label']:55s} {row.get('achieved_ratio', float('nan')):.3f} "
               f"{row.get('ppl', float('nan')):.3f}")
