@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -294,3 +295,57 @@ def test_bundled_model_compressed_matches_reference(tmp_path):
         difference = _compare_with_reference(model_dir, server)
     logger.info("compressed bundled model: plugin vs reference max |logprob diff| %.2e", difference)
     assert difference <= REFERENCE_TOLERANCE
+
+
+# ------------------------------------------------- the load-time check inside the worker (no server)
+
+def _stream_through_validator(model_dir: Path) -> None:
+    """What the plugin's load_weights does: every tensor streams through the validator, then finish()."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from moesvd_vllm.layers import compression_config
+    from moesvd_vllm.loading import CompressedCheckpointValidator
+    from moesvd_vllm.schema import moe_dims, moe_layer_indices
+
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    config = hf_config.to_dict()
+    validator = CompressedCheckpointValidator(config["model_type"], compression_config(hf_config),
+                                              moe_dims(config), moe_layer_indices(config))
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        for _ in validator.inspect(load_file(shard).items()):
+            pass
+    validator.finish()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_load_time_check_accepts_a_good_checkpoint(plugin_checkpoint, arch):
+    _stream_through_validator(plugin_checkpoint("full_rank", arch))
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("missing_tensor", "decoder layer 1: tensor(s) model.layers.1.mlp.experts.2."),
+    ("wrong_rank", "decoder layer 2, tensor model.layers.2.mlp."),
+])
+def test_load_time_check_rejects_a_broken_checkpoint(plugin_checkpoint, kind, expected):
+    from moesvd_vllm.loading import CheckpointMismatchError
+
+    with pytest.raises(CheckpointMismatchError, match=re.escape(expected)):
+        _stream_through_validator(plugin_checkpoint(kind))
+
+
+def test_load_time_check_rejects_stale_dense_experts(plugin_checkpoint, tmp_path):
+    """A tensor for expert 5 left in layer 1 (3 banks) is reported, not silently dropped by vLLM."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from moesvd_vllm.loading import CheckpointMismatchError
+
+    model_dir = shutil.copytree(plugin_checkpoint("full_rank"), tmp_path / "stale")
+    shard = sorted(model_dir.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    tensors["model.layers.1.mlp.experts.5.gate_proj.weight"] = tensors["model.embed_tokens.weight"][:128].clone()
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointMismatchError, match="model.layers.1.mlp.experts.5.gate_proj.weight"):
+        _stream_through_validator(model_dir)
