@@ -41,6 +41,7 @@ class ModelSpec:
     layers: int
     seed: int = 0
     dtype: str = "bfloat16"
+    num_experts: int | None = None  # override (smaller compression-cost models); None: the shape's
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,9 @@ def build_dense_model(spec: ModelSpec, out_dir: Path) -> Path:
     else:
         from offline.fixtures.bench_shapes import build_bench_model
 
-        build_bench_model(spec.shape, out_dir, layers=spec.layers, seed=spec.seed, dtype=spec.dtype)
+        overrides = {"num_experts": spec.num_experts} if spec.num_experts else None
+        build_bench_model(spec.shape, out_dir, layers=spec.layers, seed=spec.seed, dtype=spec.dtype,
+                          overrides=overrides)
     marker.write_text(json.dumps(asdict(spec), indent=1))
     logger.info("built dense %s model (%d layers) in %.0f s", spec.shape, spec.layers,
                 time.monotonic() - started)
@@ -162,6 +165,22 @@ def compress_model(dense_dir: Path, out_dir: Path, spec: CompressSpec, *, reuse:
     logger.info("compressed in %.0f s (%.1f s/layer), peak RSS %.2f GB (%.2fx one layer's experts)",
                 seconds, cost.seconds_per_layer, peak / 1e9, cost.peak_over_layer_bytes)
     return out_dir, cost
+
+
+def synthetic_compressed_model(dense_dir: Path, out_dir: Path, ratio: float, basis_dtype: str, seed: int
+                               ) -> Path:
+    """Random factors at the uniform rank for `ratio` (speed only; benchmarks/synthetic_compressed.py)."""
+    from benchmarks.synthetic_compressed import write_synthetic_compressed
+
+    rank = expected_rank(dense_dims(dense_dir), ratio)
+    spec = {"synthetic": True, "rank": rank, "basis_dtype": basis_dtype, "seed": seed}
+    marker = out_dir / _BUILD_MARKER
+    if _read_json(marker) == spec and (out_dir / "config.json").exists():
+        logger.info("reusing synthetic compressed model %s", out_dir)
+        return out_dir
+    write_synthetic_compressed(dense_dir, out_dir, rank, basis_dtype=basis_dtype, seed=seed)
+    marker.write_text(json.dumps(spec, indent=1))
+    return out_dir
 
 
 def promised_params(model_dir: Path) -> dict:

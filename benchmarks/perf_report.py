@@ -74,7 +74,8 @@ def ratio_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
               "bound (touched bytes / FLOPs)"]
     rows = []
     for pair in summary["pairs"]:
-        label = f"{pair['ratio']:.0%} (r={pair['rank']})"
+        label = f"{pair['ratio']:.0%} (r={pair['rank']}" + (
+            ")" if pair.get("basis_dtype", "bfloat16") == "bfloat16" else f", {pair['basis_dtype']} bases)")
         ideal = pair["ideal_bytes_ratio"]
         for row in pair["rows"]:
             of_ideal = None if row["speedup"] is None else row["speedup"] / ideal
@@ -90,7 +91,8 @@ def weight_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for pair in summary["pairs"]:
         w = pair["weights"]
-        rows.append([f"{pair['ratio']:.0%}", f"{w['promised']:,}", f"{w['resident']:,}",
+        rows.append([f"{pair['ratio']:.0%}" + ("" if pair.get("basis_dtype", "bfloat16") == "bfloat16"
+                                                 else f" ({pair['basis_dtype']} bases)"), f"{w['promised']:,}", f"{w['resident']:,}",
                      fmt(100 * w["deviation"], 3, "%"), f"{w['resident_bytes'] / 1e9:.3f} GB",
                      fmt(w["resident_bytes"] / max(w["resident"], 1), 2),
                      f"{w['worker_rss_bytes'] / 1e9:.2f} GB"])

@@ -5,8 +5,11 @@
 
 Steps, all in one run:
 1. build the dense benchmark model (random weights, real layer shapes: offline.fixtures.bench_shapes);
-2. compress it at each ratio with `moesvd compress` (every MoE layer, uniform rank), measuring the
-   compressor's wall time and peak RSS;
+2. compressed versions at each ratio: by default random factors at the ratio's uniform rank
+   (benchmarks/synthetic_compressed.py: serving speed does not depend on the values, and the real
+   compressor's RAM would not fit several 128-expert layers on a small machine), and one real
+   `moesvd compress` run on a 1-layer model of the same shape for the compression cost (wall time,
+   peak RSS); `--compressor moesvd` compresses every ratio with the real compressor instead;
 3. offline, in-process vLLM engines, the dense one and one compressed one alive together, measured in
    alternating order: output tok/s at batch 1/8/32, MoE-block time at 1/32/512 tokens inside the worker
    (benchmarks/perf_worker.py), resident expert weights vs the checkpoint's ParamCounts, a torch
@@ -44,6 +47,18 @@ logger = logging.getLogger("benchmarks.run_perf")
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One compressed model: a ratio and the dtype of its shared bases."""
+
+    ratio: float
+    basis_dtype: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.ratio:g}" if self.basis_dtype == "bfloat16" else f"{self.ratio:g}-{self.basis_dtype}"
+
+
+@dataclass(frozen=True)
 class ServedOptions:
     ratios: tuple[float, ...] = (0.4,)  # which compressed models get a served A/B (each costs 2 loads)
     concurrency: tuple[int, ...] = (1, 8, 32)
@@ -58,9 +73,15 @@ class PerfOptions:
     model: ModelSpec
     ratios: tuple[float, ...] = (0.2, 0.4, 0.6)
     basis_dtype: str = "bfloat16"
+    extra_basis_dtype: str | None = None  # also measure these ratios with bases in this dtype ...
+    extra_basis_ratios: tuple[float, ...] = ()  # ... (e.g. float32 at 0.4)
     compress_samples: int = 16
     compress_seq_len: int = 128
     ratio_tolerance: float = 0.01
+    compressor: str = "synthetic"  # "synthetic" (random factors, speed only) or "moesvd" (moesvd compress)
+    cost_ratio: float | None = 0.4  # one real `moesvd compress` run on a small model, for its cost
+    cost_layers: int = 1
+    cost_experts: int | None = None  # None: the shape's expert count
     offline: OfflineOptions = field(default_factory=OfflineOptions)
     served: ServedOptions | None = field(default_factory=ServedOptions)
     reuse_models: bool = True
@@ -69,26 +90,53 @@ class PerfOptions:
 # ---------------------------------------------------------------- models
 
 
-def build_models(options: PerfOptions) -> tuple[Path, dict[float, Path], list[dict]]:
+def variants(options: PerfOptions) -> list[Variant]:
+    out = [Variant(ratio, options.basis_dtype) for ratio in options.ratios]
+    if options.extra_basis_dtype:
+        out += [Variant(ratio, options.extra_basis_dtype) for ratio in options.extra_basis_ratios]
+    return out
+
+
+def build_models(options: PerfOptions) -> tuple[Path, dict[Variant, Path], list[dict]]:
     models_dir = options.out / "models"
     dense = perf_models.build_dense_model(options.model, models_dir / "dense")
     compressed, costs = {}, []
-    for ratio in options.ratios:
-        spec = CompressSpec(ratio=ratio, basis_dtype=options.basis_dtype,
-                            num_samples=options.compress_samples, seq_len=options.compress_seq_len,
-                            ratio_tolerance=options.ratio_tolerance)
-        path, cost = perf_models.compress_model(dense, models_dir / f"compressed-{ratio:g}", spec,
+    for variant in variants(options):
+        target = models_dir / f"compressed-{variant.label}"
+        if options.compressor == "synthetic":
+            compressed[variant] = perf_models.synthetic_compressed_model(
+                dense, target, variant.ratio, variant.basis_dtype, options.model.seed)
+            continue
+        path, cost = perf_models.compress_model(dense, target, _compress_spec(options, variant),
                                                 reuse=options.reuse_models)
-        compressed[ratio] = path
+        compressed[variant] = path
         if cost is not None:
             costs.append(dataclasses.asdict(cost))
     return dense, compressed, costs
 
 
+def _compress_spec(options: PerfOptions, variant: Variant) -> CompressSpec:
+    return CompressSpec(ratio=variant.ratio, basis_dtype=variant.basis_dtype, num_samples=options.compress_samples,
+                        seq_len=options.compress_seq_len, ratio_tolerance=options.ratio_tolerance)
+
+
+def measure_compression_cost(options: PerfOptions) -> list[dict]:
+    """`moesvd compress` on a small model of the same shape (cost_layers layers, cost_experts experts)."""
+    if options.cost_ratio is None:
+        return []
+    spec = dataclasses.replace(options.model, layers=options.cost_layers, num_experts=options.cost_experts)
+    models_dir = options.out / "models"
+    dense = perf_models.build_dense_model(spec, models_dir / "cost-dense")
+    _, cost = perf_models.compress_model(dense, models_dir / "cost-compressed",
+                                         _compress_spec(options, Variant(options.cost_ratio, options.basis_dtype)),
+                                         reuse=False)
+    return [dataclasses.asdict(cost)]
+
+
 # ---------------------------------------------------------------- offline
 
 
-def run_offline(dense_dir: Path, compressed: dict[float, Path], options: OfflineOptions) -> dict:
+def run_offline(dense_dir: Path, compressed: dict[Variant, Path], options: OfflineOptions) -> dict:
     """Dense engine up throughout; each compressed engine alternates with it, then is stopped."""
     perf_offline.prepare_environment(options)
     dense_llm, dense_load = perf_offline.start_engine(dense_dir, options)
@@ -97,16 +145,18 @@ def run_offline(dense_dir: Path, compressed: dict[float, Path], options: Offline
     perf_offline.describe(dense_llm, dense_info, options)
     pairs = []
     try:
-        for ratio, path in compressed.items():
+        for variant, path in compressed.items():
+            name = f"compressed-{variant.label}"
             llm, load = perf_offline.start_engine(path, options)
             try:
                 perf_offline.warm_up(llm, options)
                 engines = {"dense": (dense_llm, EngineResult(str(dense_dir), dense_load)),
-                           f"compressed-{ratio:g}": (llm, EngineResult(str(path), load))}
+                           name: (llm, EngineResult(str(path), load))}
                 perf_offline.alternate(engines, options)
-                perf_offline.describe(llm, engines[f"compressed-{ratio:g}"][1], options)
-                pairs.append({"ratio": ratio, "dense": dataclasses.asdict(engines["dense"][1]),
-                              "compressed": dataclasses.asdict(engines[f"compressed-{ratio:g}"][1])})
+                perf_offline.describe(llm, engines[name][1], options)
+                pairs.append({"variant": variant.label, "ratio": variant.ratio, "basis_dtype": variant.basis_dtype,
+                              "dense": dataclasses.asdict(engines["dense"][1]),
+                              "compressed": dataclasses.asdict(engines[name][1])})
             finally:
                 perf_offline.stop_engine(llm)
     finally:
@@ -117,7 +167,7 @@ def run_offline(dense_dir: Path, compressed: dict[float, Path], options: Offline
 # ---------------------------------------------------------------- served
 
 
-def run_served(dense_dir: Path, compressed: dict[float, Path], options: ServedOptions,
+def run_served(dense_dir: Path, compressed: dict[Variant, Path], options: ServedOptions,
                offline: OfflineOptions, out: Path) -> list[dict]:
     """`moesvd ab` between a dense and a compressed vLLM server, one compressed server at a time."""
     from serve.ab import ABOptions, run_ab
@@ -132,17 +182,18 @@ def run_served(dense_dir: Path, compressed: dict[float, Path], options: ServedOp
 
     results = []
     with server(dense_dir, "dense") as dense_server:
-        for ratio in options.ratios:
-            if ratio not in compressed:
-                continue
-            name = f"compressed-{ratio:g}"
-            with server(compressed[ratio], name) as compressed_server:
+        for variant, path in compressed.items():
+            if variant.ratio not in options.ratios or variant.basis_dtype != "bfloat16" and any(
+                    v.ratio == variant.ratio and v.basis_dtype == "bfloat16" for v in compressed):
+                continue  # one served A/B per ratio (the default bases)
+            ratio, name = variant.ratio, f"compressed-{variant.label}"
+            with server(path, name) as compressed_server:
                 report = run_ab(ABOptions(
                     a_url=dense_server.base_url, b_url=compressed_server.base_url, a_model="dense",
                     b_model=name, concurrency=options.concurrency, num_prompts=options.num_prompts,
                     max_tokens=options.max_tokens, words_per_prompt=options.words_per_prompt, quality=False,
                     out=out / f"ab-{ratio:g}", plots=False, show_progress=False))
-                results.append({"ratio": ratio, "startup_s": {"dense": dense_server.startup_seconds,
+                results.append({"variant": variant.label, "ratio": ratio, "startup_s": {"dense": dense_server.startup_seconds,
                                                               name: compressed_server.startup_seconds},
                                 "speed": report.speed, "problems": report.problems})
     return results
@@ -186,23 +237,23 @@ def _pair_rows(pair: dict, geometry: perf_report.LayerGeometry, served: dict | N
     return rows
 
 
-def summarize(dense_dir: Path, compressed: dict[float, Path], offline: dict, served: list[dict],
+def summarize(dense_dir: Path, compressed: dict[Variant, Path], offline: dict, served: list[dict],
               options: PerfOptions) -> dict:
     dims = perf_models.dense_dims(dense_dir)
-    basis_bytes = 4.0 if options.basis_dtype == "float32" else 2.0
     dense_promised = perf_models.promised_params(dense_dir)
     summary = {"pairs": [], "dense_weights": _weights_summary(offline["dense"], dense_promised, False)}
-    served_by_ratio = {s["ratio"]: s for s in served}
+    served_by_variant = {s["variant"]: s for s in served}
+    paths = {variant.label: path for variant, path in compressed.items()}
     for pair in offline["pairs"]:
-        ratio = pair["ratio"]
-        promised = perf_models.promised_params(compressed[ratio])
+        promised = perf_models.promised_params(paths[pair["variant"]])
         rank = max(promised["ranks"].values())
+        basis_bytes = 4.0 if pair["basis_dtype"] == "float32" else 2.0
         geometry = perf_report.LayerGeometry(dims, rank, basis_bytes=basis_bytes)
         summary["pairs"].append({
-            "ratio": ratio, "rank": rank, "achieved_ratio": promised["ratio"],
-            "ideal_bytes_ratio": geometry.bytes_ideal(),
+            "variant": pair["variant"], "ratio": pair["ratio"], "basis_dtype": pair["basis_dtype"],
+            "rank": rank, "achieved_ratio": promised["ratio"], "ideal_bytes_ratio": geometry.bytes_ideal(),
             "weights": _weights_summary(pair["compressed"], promised, True),
-            "rows": _pair_rows(pair, geometry, served_by_ratio.get(ratio), options.offline)})
+            "rows": _pair_rows(pair, geometry, served_by_variant.get(pair["variant"]), options.offline)})
     return summary
 
 
@@ -216,7 +267,7 @@ def render(summary: dict, results: dict) -> str:
         parts.append(perf_report.markdown_table(*perf_report.compression_rows(results["compression"])))
     profiles = {"dense": results["offline"]["dense"]["profiles"]}
     for pair in results["offline"]["pairs"]:
-        profiles[f"compressed-{pair['ratio']:g}"] = pair["compressed"]["profiles"]
+        profiles[f"compressed-{pair['variant']}"] = pair["compressed"]["profiles"]
     parts += ["", "## Where the MoE block's time goes (torch profiler, self CPU time per call)", ""]
     parts.append(perf_report.markdown_table(*perf_report.profile_rows(profiles)))
     return "\n".join(parts) + "\n"
@@ -242,6 +293,8 @@ def run(options: PerfOptions) -> dict:
     options.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     dense_dir, compressed, costs = build_models(options)
+    if options.compressor == "synthetic":
+        costs = measure_compression_cost(options)
     offline = run_offline(dense_dir, compressed, options.offline)
     served = (run_served(dense_dir, compressed, options.served, options.offline, options.out)
               if options.served else [])
@@ -285,6 +338,9 @@ def parse_args(argv: list[str] | None = None) -> PerfOptions:
     parser.add_argument("--ratios", type=_floats, default=(0.2, 0.4, 0.6),
                         help="fractions of expert parameters removed (default 0.2,0.4,0.6)")
     parser.add_argument("--basis-dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+    parser.add_argument("--extra-basis-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="also measure --extra-basis-ratios with the shared bases in this dtype")
+    parser.add_argument("--extra-basis-ratios", type=_floats, default=())
     parser.add_argument("--batch-sizes", type=_ints, default=(1, 8, 32))
     parser.add_argument("--block-tokens", type=_ints, default=(1, 32, 512))
     parser.add_argument("--input-len", type=int, default=64)
@@ -294,9 +350,19 @@ def parse_args(argv: list[str] | None = None) -> PerfOptions:
     parser.add_argument("--served-ratios", type=_floats, default=(0.4,),
                         help="ratios that also get a served A/B (empty string: none)")
     parser.add_argument("--served-prompts", type=int, default=32)
+    parser.add_argument("--served-concurrency", type=_ints, default=None,
+                        help="load levels of the served A/B (default: --batch-sizes)")
     parser.add_argument("--no-served", action="store_true", help="skip the served A/B")
     parser.add_argument("--compress-samples", type=int, default=16)
     parser.add_argument("--compress-seq-len", type=int, default=128)
+    parser.add_argument("--compressor", default="synthetic", choices=("synthetic", "moesvd"),
+                        help="synthetic: random factors at the ratio's rank (speed does not depend on values; "
+                             "default); moesvd: run `moesvd compress` for every ratio")
+    parser.add_argument("--cost-layers", type=int, default=1,
+                        help="layers of the model whose real compression is timed (synthetic mode)")
+    parser.add_argument("--cost-experts", type=int, default=None,
+                        help="expert count of that model (default: the shape's; fewer to bound its RAM)")
+    parser.add_argument("--no-cost", action="store_true", help="skip the compression-cost measurement")
     parser.add_argument("--rebuild", action="store_true", help="rebuild compressed models even if present")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true",
@@ -310,12 +376,16 @@ def options_from_args(args: argparse.Namespace) -> PerfOptions:
                              input_len=args.input_len, output_len=args.output_len, repeats=args.repeats,
                              enforce_eager=args.enforce_eager, seed=args.seed)
     served = None if args.no_served or not args.served_ratios else ServedOptions(
-        ratios=args.served_ratios, concurrency=args.batch_sizes, num_prompts=args.served_prompts,
+        ratios=args.served_ratios, concurrency=args.served_concurrency or args.batch_sizes,
+        num_prompts=args.served_prompts,
         max_tokens=args.output_len)
     return PerfOptions(out=args.out, model=ModelSpec(args.shape, args.layers, args.seed), ratios=args.ratios,
-                       basis_dtype=args.basis_dtype, compress_samples=args.compress_samples,
+                       basis_dtype=args.basis_dtype, extra_basis_dtype=args.extra_basis_dtype,
+                       extra_basis_ratios=args.extra_basis_ratios, compress_samples=args.compress_samples,
                        compress_seq_len=args.compress_seq_len, offline=offline, served=served,
-                       reuse_models=not args.rebuild)
+                       reuse_models=not args.rebuild, compressor=args.compressor,
+                       cost_ratio=None if args.no_cost else 0.4, cost_layers=args.cost_layers,
+                       cost_experts=args.cost_experts)
 
 
 def tiny_options(args: argparse.Namespace) -> PerfOptions:
@@ -326,7 +396,7 @@ def tiny_options(args: argparse.Namespace) -> PerfOptions:
                                                        max_tokens=8, words_per_prompt=8)
     return PerfOptions(out=args.out, model=ModelSpec("tiny", 1, args.seed), ratios=(0.4,),
                        basis_dtype=args.basis_dtype, compress_samples=4, compress_seq_len=32, ratio_tolerance=0.1,
-                       offline=offline, served=served, reuse_models=not args.rebuild)
+                       offline=offline, served=served, reuse_models=not args.rebuild, compressor="moesvd")
 
 
 def main(argv: list[str] | None = None) -> int:
