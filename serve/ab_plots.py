@@ -26,30 +26,36 @@ def _cdf(values: list[float]) -> tuple[list[float], list[float]]:
 
 
 def plot_latency_cdf(report, path: Path) -> Path | None:
-    """E2E latency and TTFT CDFs, one line per arm and load level (successful requests only)."""
+    """E2E latency and TTFT CDFs: one column per load level, one line per arm (successful requests)."""
+    levels = list(report.speed_series)
+    if not levels:
+        return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(2, len(levels), figsize=(4.2 * len(levels) + 1, 7), squeeze=False)
     drawn = False
-    for level, arms in report.speed_series.items():
-        for label, series in arms.items():
+    for column, level in enumerate(levels):
+        for label, series in report.speed_series[level].items():
             ok = [i for i, e in enumerate(series["errors"]) if not e]
-            for ax, key in zip(axes, ("latencies", "ttfts")):
+            for row, key in enumerate(("latencies", "ttfts")):
                 values = [series[key][i] * 1000 for i in ok]
                 if values:
                     xs, ys = _cdf(values)
-                    ax.step(xs, ys, where="post", label=f"{label} {level}", alpha=0.85,
-                            linestyle="-" if label == "A" else "--", **ARM_STYLES.get(label, {}))
+                    model = report.metadata["arms"][label]["model"]
+                    axes[row][column].step(xs, ys, where="post", label=f"{label}: {model}",
+                                           **ARM_STYLES.get(label, {}))
                     drawn = True
+        for row, title in enumerate(("end-to-end latency", "time to first token")):
+            ax = axes[row][column]
+            ax.set_xlabel(f"{title} (ms)")
+            ax.set_title(f"{title}, {level}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if column == 0:
+                ax.set_ylabel("fraction of requests")
     if not drawn:
         plt.close(fig)
         logger.warning("no successful request to plot a latency CDF from")
         return None
-    for ax, title in zip(axes, ("end-to-end latency", "time to first token")):
-        ax.set_xlabel(f"{title} (ms)")
-        ax.set_ylabel("fraction of requests")
-        ax.set_title(f"{title} CDF")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
