@@ -43,6 +43,7 @@ PLUGIN_ARCHITECTURES: dict[str, str] = {
     "Qwen2MoeForCausalLM": "MoESVDQwen2MoeForCausalLM",
     "DeepseekV2ForCausalLM": "MoESVDDeepseekV2ForCausalLM",
     "PhiMoEForCausalLM": "MoESVDPhiMoEForCausalLM",
+    "PhimoeForCausalLM": "MoESVDPhiMoEForCausalLM",  # transformers' own spelling of the same class
     "OlmoeForCausalLM": "MoESVDOlmoeForCausalLM",
 }
 
