@@ -14,8 +14,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from serve.http import get_text, metric_value, parse_metrics, post_json
+from serve.ab import ABOptions, run_ab
+from serve.endpoints import Endpoint
+from serve.loadgen import GenerationSettings, run_load
+from serve.prompts import load_prompts
+from serve.http import post_json
 from serve.launch import ServerOptions, VLLMServer
+from serve.vllm_metrics import rates_between, scrape
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +34,10 @@ class DemoOptions:
     dtype: str = "float32"
     max_tokens: int = 32
     enforce_eager: bool = True
+    num_prompts: int = 16  # A/B prompts from the bundled corpus's test split
+    concurrency: tuple[int, ...] = (1, 8)
+    calib_samples: int = 64  # calibration windows x tokens for the compressor
+    calib_seq_len: int = 128
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,11 +70,65 @@ def run_demo(options: DemoOptions) -> dict:
 
     dense_dir = bundled_model_dir()
     summary: dict = {"options": asdict(options), "dense_model": str(dense_dir)}
-    print(f"[1/2] serving the bundled model {dense_dir} with vLLM")
-    with _server(dense_dir, "dense", options) as dense:
-        summary["dense"] = _completion_and_tokens_per_second(dense, options)
-    print(f"[2/2] done: {summary['dense']['tokens_per_second']:.1f} output tokens/s (vLLM /metrics)")
+    print(f"[1/5] compressing the bundled model {dense_dir} (ratio {options.ratio})")
+    compressed_dir, summary["compression"] = _compress(dense_dir, options)
+    print(f"      -> {compressed_dir}: {summary['compression']['achieved_ratio']:.1%} of expert "
+          f"parameters removed in {summary['compression']['seconds']:.0f} s")
+    print("[2/5] starting vLLM for the dense and the compressed model")
+    dense = _server(dense_dir, "dense", options).spawn()
+    compressed = _server(compressed_dir, "compressed", options).spawn()
+    try:
+        for server in (dense, compressed):
+            server.wait_until_ready()
+            print(f"      {server.name}: {server.base_url} ready in {server.startup_seconds:.0f} s")
+        print("[3/5] one greedy completion from each")
+        summary["completions"] = {s.name: _completion(s, options) for s in (dense, compressed)}
+        print("[4/5] A/B: the same prompts to both (speed and quality)")
+        report = run_ab(ABOptions(
+            a_url=dense.base_url, b_url=compressed.base_url, a_model="dense", b_model="compressed",
+            num_prompts=options.num_prompts, concurrency=options.concurrency,
+            max_tokens=options.max_tokens, out=options.out / "ab", show_progress=False))
+        print(report.to_console())
+        summary["ab_report"] = str(options.out / "ab")
+        print(f"[5/5] tokens/s under load (concurrency {max(options.concurrency)}), read from each "
+              "server's /metrics")
+        summary["tokens_per_second"] = {}
+        for server in (dense, compressed):
+            tokens_per_s = _tokens_per_second_under_load(server, options)
+            summary["tokens_per_second"][server.name] = tokens_per_s
+            print(f"      {server.name:>10}: {tokens_per_s:.1f} generated tokens/s "
+                  "(increase of vllm:generation_tokens_total over the load)")
+        ratio = summary["tokens_per_second"]["compressed"] / summary["tokens_per_second"]["dense"]
+        print(f"      compressed / dense: {ratio:.2f}x")
+    finally:
+        dense.stop()
+        compressed.stop()
     return summary
+
+
+def _compress(dense_dir: Path, options: DemoOptions) -> tuple[Path, dict]:
+    from offline.bundled import corpus_split_path
+    from offline.compress import CompressionOptions, compress
+
+    out_dir = options.out / f"compressed-{round(options.ratio * 100)}"
+    started = time.monotonic()
+    compress(dense_dir, out_dir, CompressionOptions(
+        ratio=options.ratio, calib=str(corpus_split_path("train")),
+        num_samples=options.calib_samples, seq_len=options.calib_seq_len, force=True))
+    report = json.loads((out_dir / "report.json").read_text())
+    return out_dir, {"dir": str(out_dir), "seconds": time.monotonic() - started,
+                     "achieved_ratio": report["summary"]["achieved_ratio"]}
+
+
+def _tokens_per_second_under_load(server: VLLMServer, options: DemoOptions) -> float:
+    """Load one server alone with the A/B prompts and read its generation rate from its own counter."""
+    endpoint = Endpoint(label=server.name, base_url=server.base_url, model=server.name)
+    prompts, _ = load_prompts(None, num_prompts=options.num_prompts)
+    before = scrape(server.url("/metrics"))
+    run_load(endpoint, prompts, GenerationSettings(max_tokens=options.max_tokens),
+             max_concurrency=max(options.concurrency))
+    rates = rates_between(before, scrape(server.url("/metrics")))
+    return rates[server.name].generation_tokens_per_s
 
 
 def _server(model_dir: Path, name: str, options: DemoOptions) -> VLLMServer:
@@ -74,19 +137,10 @@ def _server(model_dir: Path, name: str, options: DemoOptions) -> VLLMServer:
         enforce_eager=options.enforce_eager, log_path=str(options.out / f"vllm-{name}.log")))
 
 
-def _completion_and_tokens_per_second(server: VLLMServer, options: DemoOptions) -> dict:
-    """One greedy completion, printed, and output tokens/s measured from the server's own counter."""
-    before = metric_value(parse_metrics(get_text(server.url("/metrics"))),
-                          "vllm:generation_tokens_total", model_name=server.name)
-    started = time.monotonic()
+def _completion(server: VLLMServer, options: DemoOptions) -> str:
     response = post_json(server.url("/v1/completions"), {
         "model": server.name, "prompt": DEMO_PROMPT, "max_tokens": options.max_tokens,
         "temperature": 0.0})
-    elapsed = time.monotonic() - started
-    after = metric_value(parse_metrics(get_text(server.url("/metrics"))),
-                         "vllm:generation_tokens_total", model_name=server.name)
     text = response["choices"][0]["text"]
-    print(f"  {server.name}: {DEMO_PROMPT}{text!s}")
-    generated = after - before
-    return {"startup_seconds": server.startup_seconds, "completion": text,
-            "generated_tokens": generated, "tokens_per_second": generated / elapsed}
+    print(f"      {server.name:>10}: {DEMO_PROMPT}{text}")
+    return text
