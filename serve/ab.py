@@ -27,7 +27,7 @@ from serve.ab_report import ABReport
 from serve.endpoints import (Endpoint, EndpointError, describe_unreachable, list_models,
                              resolve_endpoint)
 from serve.http import HTTPError, post_json
-from serve.loadgen import GenerationSettings, LoadRun, run_load
+from serve.loadgen import GenerationSettings, LoadRun, pool_runs, run_load
 from serve.prompts import (DEFAULT_NUM_PROMPTS, DEFAULT_SEED, DEFAULT_WORDS_PER_PROMPT, PromptError,
                            load_prompts, prompts_sha256)
 from serve.quality import PromptScores, QualitySettings, compare_quality, score_prompts
@@ -54,6 +54,7 @@ class ABOptions:
     seed: int = DEFAULT_SEED
     concurrency: tuple[int, ...] = (1, 8, 32)
     request_rates: tuple[float, ...] = ()  # when set: one level per rate (Poisson arrivals), no cap
+    repeats: int = 1  # rounds per level (arm order alternating), pooled; more rounds average out drift
     max_tokens: int = 64
     ignore_eos: bool = True
     warmup_requests: int = 1
@@ -78,6 +79,8 @@ class ABOptions:
             raise ABError(f"request rates must be > 0 requests/s, got {list(self.request_rates)}")
         if not self.request_rates and (not self.concurrency or any(c < 1 for c in self.concurrency)):
             raise ABError(f"concurrency levels must be integers >= 1, got {list(self.concurrency)}")
+        if self.repeats < 1:
+            raise ABError(f"repeats must be >= 1, got {self.repeats}")
         if self.max_tokens < 1 or self.quality_max_tokens < 0 or self.top_logprobs < 1:
             raise ABError("max_tokens must be >= 1, quality_max_tokens >= 0 and top_logprobs >= 1")
 
@@ -170,35 +173,57 @@ def _skipped_metrics(reason: str, count: int) -> dict:
     return {"skipped": reason, "completed": 0, "failed": count}
 
 
+def _run_arm_level(label: str, arms: dict[str, Endpoint], prompts, settings: GenerationSettings,
+                   options: ABOptions, max_concurrency: int | None, rate: float, name: str,
+                   accounting: dict[str, ArmAccounting], problems: list[str],
+                   down: dict[str, str]) -> LoadRun:
+    run = run_load(arms[label], prompts, settings, max_concurrency=max_concurrency, request_rate=rate,
+                   seed=options.seed, show_progress=options.show_progress)
+    _account_load(run, accounting[label])
+    failed = [r for r in run.results if not r.success]
+    if failed:
+        problems.append(f"arm {label} {name}: {len(failed)} of {len(run.results)} requests failed "
+                        f"(first: {failed[0].error[:300]})")
+    if _arm_is_down(arms[label], run):
+        down[label] = (f"arm {label} stopped answering during {name} (server down?); its later "
+                       "levels and quality were skipped, earlier results are kept")
+        problems.append(down[label])
+    return run
+
+
 def _speed_phase(arms: dict[str, Endpoint], prompts, options: ABOptions,
                  accounting: dict[str, ArmAccounting], problems: list[str],
                  down: dict[str, str]) -> tuple[list, dict]:
+    """Per level: `repeats` rounds, each sending every prompt to both arms; the arm order alternates
+    round after round and level after level (A-B, B-A, ...). Rounds of one arm are pooled: throughput
+    is all completed work over the summed wall time, percentiles are over all requests."""
     settings = GenerationSettings(max_tokens=options.max_tokens, ignore_eos=options.ignore_eos,
                                   request_timeout_s=options.request_timeout_s)
     levels, series = [], {}
-    for number, (max_concurrency, rate) in enumerate(options.levels()):
-        order = ARMS if number % 2 == 0 else ARMS[::-1]
+    rounds_done = 0
+    for max_concurrency, rate in options.levels():
         name = _level_name(max_concurrency, rate)
         entry = {"level": name, "max_concurrency": max_concurrency,
-                 "request_rate": "inf" if rate == float("inf") else rate, "order": list(order)}
+                 "request_rate": "inf" if rate == float("inf") else rate, "order": [],
+                 "repeats": options.repeats}
+        runs: dict[str, list[LoadRun]] = {label: [] for label in ARMS}
+        for _ in range(options.repeats):
+            order = ARMS if rounds_done % 2 == 0 else ARMS[::-1]
+            rounds_done += 1
+            for label in order:
+                if label in down:
+                    continue
+                entry["order"].append(label)
+                runs[label].append(_run_arm_level(label, arms, prompts, settings, options, max_concurrency,
+                                                  rate, name, accounting, problems, down))
         series[name] = {}
-        for label in order:
-            if label in down:
-                entry[label] = _skipped_metrics(down[label], len(prompts))
+        for label in ARMS:
+            if not runs[label]:
+                entry[label] = _skipped_metrics(down.get(label, "not run"), len(prompts) * options.repeats)
                 continue
-            run = run_load(arms[label], prompts, settings, max_concurrency=max_concurrency,
-                           request_rate=rate, seed=options.seed, show_progress=options.show_progress)
-            _account_load(run, accounting[label])
-            entry[label] = speed_metrics(run)
-            series[name][label] = per_request_series(run)
-            if entry[label]["failed"]:
-                first = next(r.error for r in run.results if not r.success)
-                problems.append(f"arm {label} {name}: {entry[label]['failed']} of {len(run.results)} "
-                                f"requests failed (first: {first[:300]})")
-            if _arm_is_down(arms[label], run):
-                down[label] = (f"arm {label} stopped answering during {name} (server down?); its later "
-                               "levels and quality were skipped, earlier results are kept")
-                problems.append(down[label])
+            pooled = pool_runs(runs[label])
+            entry[label] = speed_metrics(pooled)
+            series[name][label] = per_request_series(pooled)
         entry["b_over_a"] = speed_ratios(entry["A"], entry["B"])
         levels.append(entry)
         logger.info("%s: output tok/s A %s, B %s", name, entry["A"].get("output_throughput"),
@@ -305,6 +330,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="max concurrent requests per level (default: 1,8,32)")
     load.add_argument("--request-rate", type=_float_list, default=(),
                       help="Poisson request rates per level, requests/s (instead of --concurrency)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds per load level, arm order alternating (A-B, B-A, ...), pooled "
+                             "(default: %(default)s; use 2+ on a busy machine)")
     parser.add_argument("--max-tokens", type=int, default=64,
                         help="output tokens per speed request (default: %(default)s)")
     parser.add_argument("--no-ignore-eos", action="store_true",
@@ -324,7 +352,7 @@ def options_from_args(args: argparse.Namespace) -> ABOptions:
     return ABOptions(a_url=args.a, b_url=args.b, a_model=args.a_model, b_model=args.b_model,
                      prompts_path=args.prompts, num_prompts=args.num_prompts,
                      words_per_prompt=args.words_per_prompt, seed=args.seed,
-                     concurrency=args.concurrency, request_rates=args.request_rate,
+                     concurrency=args.concurrency, request_rates=args.request_rate, repeats=args.repeats,
                      max_tokens=args.max_tokens, ignore_eos=not args.no_ignore_eos,
                      quality=not args.no_quality, top_logprobs=args.top_logprobs,
                      quality_max_tokens=args.quality_max_tokens, out=args.out,

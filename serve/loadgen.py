@@ -80,6 +80,16 @@ class LoadRun:
     results: list[RequestResult]
 
 
+def pool_runs(runs: list[LoadRun]) -> LoadRun:
+    """Several runs of one arm at one level as one: all requests, durations summed."""
+    if not runs:
+        raise ValueError("nothing to pool")
+    first = runs[0]
+    return LoadRun(arm=first.arm, max_concurrency=first.max_concurrency, request_rate=first.request_rate,
+                   duration_s=sum(r.duration_s for r in runs),
+                   results=[result for run in runs for result in run.results])
+
+
 class _SSEReader:
     """Splits a byte stream into `data:` messages (chunks may cut messages anywhere)."""
 

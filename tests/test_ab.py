@@ -117,10 +117,14 @@ def test_quality_between_two_models_with_one_tokenizer(ab_run):
 def test_identical_arms_give_exact_quality_values(ab_arms):
     server_a, _ = ab_arms
     report = run_ab(ABOptions(a_url=server_a.base_url, b_url=server_a.base_url, num_prompts=4,
-                              concurrency=(2,), max_tokens=4, quality_max_tokens=8, top_logprobs=5,
-                              show_progress=False))
+                              concurrency=(2,), repeats=2, max_tokens=4, quality_max_tokens=8,
+                              top_logprobs=5, show_progress=False))
     quality = report.quality
     assert report.complete, report.problems
+    level = report.speed[0]
+    assert level["order"] == ["A", "B", "B", "A"] and level["repeats"] == 2  # rounds alternate, pooled
+    assert level["A"]["completed"] == level["B"]["completed"] == 8
+    assert level["A"]["total_output_tokens"] == 8 * 4
     # the same server twice: equal up to float32 batching noise (requests may share a batch)
     assert quality["mean_delta_nll"] == pytest.approx(0.0, abs=1e-5)
     assert quality["top1_agreement"] == 100.0
