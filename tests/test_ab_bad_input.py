@@ -33,7 +33,7 @@ def test_unreachable_arm_is_named_before_any_load(ab_arms, capsys):
     assert "moesvd ab: arm B: cannot reach" in capsys.readouterr().err
 
 
-def test_not_an_openai_server_and_unknown_model(ab_arms, failing_peer):
+def test_not_an_openai_server_and_unknown_model(ab_arms):
     server_a, _ = ab_arms
     with pytest.raises(ABError, match=r"arm A: .*does not serve model 'no-such-model'.*serves \["):
         run_ab(ABOptions(a_url=server_a.base_url, a_model="no-such-model", b_url=server_a.base_url, **SMALL))
