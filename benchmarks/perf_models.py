@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -127,18 +126,42 @@ def _compress_command(dense_dir: Path, out_dir: Path, spec: CompressSpec) -> lis
             "--force"]
 
 
-def _run_measured(command: list[str], log_path: Path) -> tuple[float, int]:
-    """Run `command`; (wall seconds, peak RSS bytes of the child) from os.wait4."""
+def _resident_bytes(pid: int) -> int:
+    """Current resident set size of process `pid` (0 once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _run_measured(command: list[str], log_path: Path, poll_s: float = 0.2) -> tuple[float, int]:
+    """Run `command`; (wall seconds, peak RSS bytes of the child).
+
+    The peak is sampled from /proc/PID/status every `poll_s` (callers also take the compressor's own
+    per-stage peaks): the compressor resets its high-water mark per stage (`/proc/self/clear_refs`),
+    which also resets the kernel's ru_maxrss, so wait4 would report only the last stage's peak.
+    """
     started = time.monotonic()
+    peak = 0
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+        while process.poll() is None:
+            peak = max(peak, _resident_bytes(process.pid))
+            time.sleep(poll_s)
     seconds = time.monotonic() - started
     if process.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-30:]
         raise RuntimeError(f"{' '.join(command[:5])} ... failed ({process.returncode}):\n" + "\n".join(tail))
-    return seconds, usage.ru_maxrss * 1024  # Linux reports kilobytes
+    return seconds, peak
+
+
+def _stage_peak(report: dict) -> int:
+    """The largest per-stage peak RSS in the compressor's report.json (0 when absent)."""
+    return max((int(stage.get("peak_rss_bytes", 0)) for stage in report.get("stages", [])), default=0)
 
 
 def compress_model(dense_dir: Path, out_dir: Path, spec: CompressSpec, *, reuse: bool = True
@@ -155,13 +178,15 @@ def compress_model(dense_dir: Path, out_dir: Path, spec: CompressSpec, *, reuse:
                 log_path)
     seconds, peak = _run_measured(_compress_command(dense_dir, out_dir, spec), log_path)
     marker.write_text(json.dumps(asdict(spec), indent=1))
+    report = _read_json(out_dir / "report.json") or {}
+    peak = max(peak, _stage_peak(report))
     config = model_config(dense_dir)
     layers = len(moe_layer_indices(config))
     layer_bytes = dense_layer_params(moe_dims(config)) * 2  # bf16/fp16 checkpoints
     cost = CompressionCost(ratio=spec.ratio, seconds=seconds, peak_rss_bytes=peak, layers=layers,
                            seconds_per_layer=seconds / max(layers, 1), dense_layer_bytes=layer_bytes,
                            peak_over_layer_bytes=peak / layer_bytes,
-                           stages=_read_json(out_dir / "report.json") or {})
+                           stages=report)
     logger.info("compressed in %.0f s (%.1f s/layer), peak RSS %.2f GB (%.2fx one layer's experts)",
                 seconds, cost.seconds_per_layer, peak / 1e9, cost.peak_over_layer_bytes)
     return out_dir, cost
