@@ -27,7 +27,6 @@ from moesvd_vllm.schema import (
     CONFIG_KEY,
     MoESVDConfig,
     SchemaError,
-    moe_dims,
     moe_layer_indices,
 )
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
@@ -20,8 +19,6 @@ from pathlib import Path
 
 from moesvd_vllm.schema import CONFIG_KEY, MoESVDConfig, SchemaError
 from serve.launch import ServerOptions, ServerStartError, VLLMServer
-
-logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "moesvd"  # entry-point name of both plugins (pyproject.toml)
 

@@ -17,12 +17,10 @@ bf16, torch.compile, the bundled trained model and compressed Mixtral are `slow`
 from __future__ import annotations
 
 import logging
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
