@@ -158,6 +158,7 @@ class ExpertStatistics:
     gram_in: torch.Tensor | None = field(init=False, default=None)  # [E, H, H] float64
     gram_mid: torch.Tensor | None = field(init=False, default=None)  # [E, I, I] float64
     gram_layer: torch.Tensor | None = field(init=False, default=None)  # [H, H] all real tokens
+    gram_out: torch.Tensor | None = field(init=False, default=None)  # [H, H] routed-experts output y
     outliers: torch.Tensor | None = field(init=False, default=None)  # [E] counts above tau*mean
 
     def __post_init__(self) -> None:
@@ -169,6 +170,7 @@ class ExpertStatistics:
             self.gram_in = torch.zeros(e, self.hidden, self.hidden, dtype=torch.float64)
             self.gram_mid = torch.zeros(e, self.intermediate, self.intermediate, dtype=torch.float64)
             self.gram_layer = torch.zeros(self.hidden, self.hidden, dtype=torch.float64)
+            self.gram_out = torch.zeros(self.hidden, self.hidden, dtype=torch.float64)
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -206,9 +208,18 @@ class ExpertStatisticsHook:
         self.token_mask: torch.Tensor | None = None
         self.outlier_threshold: torch.Tensor | None = None
         self._handle = experts.register_forward_pre_hook(self._hook)
+        self._out_handle = experts.register_forward_hook(self._output_hook)
 
     def remove(self) -> None:
         self._handle.remove()
+        self._out_handle.remove()
+
+    def _output_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        """Gram of the routed experts' combined output y = sum_e w_e E_e(x) (real tokens only)."""
+        if self.outlier_threshold is not None or self.stats.gram_out is None:
+            return
+        y = output.reshape(-1, output.shape[-1])[self.token_mask.reshape(-1)].double()
+        self.stats.gram_out += y.T @ y
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
         hidden, top_k_index = args[0], args[1]

@@ -22,6 +22,7 @@ _HELP = {
     "min_rank_fraction": "plan: decompose few layers only while their ranks stay >= this x full rank",
     "ratio_tolerance": "allowed |achieved - requested| ratio",
     "basis_dtype": "dtype of the shared bases: float32, bfloat16, float16",
+    "output_basis": "moe-svd-stacked output basis: 'block' (PCA of the MoE output) or 'experts'",
     "trim_keep": "U-trimming: experts kept per group (moe-svd default 2; default off otherwise)",
     "trim_group_size": "U-trimming group size",
     "prior_tokens": "weight of the layer-average Gram added to each expert's Gram (in tokens)",

@@ -69,6 +69,7 @@ METHODS = ("moe-svd-stacked", "moe-svd", "svd", "whitened-svd")
 SHARED_BASIS_METHODS = ("moe-svd-stacked", "moe-svd")
 PROPAGATE = ("compressed", "dense")
 SELECTIONS = ("sensitivity", "all")
+OUTPUT_BASES = ("block", "experts")
 
 
 class OptionsError(ValueError):
@@ -93,6 +94,7 @@ class CompressionOptions:
     min_rank_fraction: float = 0.5  # plan: prefer few decomposed layers only while ranks stay >= this
     ratio_tolerance: float = 0.01  # achieved ratio within this of `ratio`
     basis_dtype: str = "float32"  # dtype of the shared bases (factors keep the model dtype)
+    output_basis: str = "experts"  # moe-svd-stacked B: "experts" (per-expert objective) or "block" (PCA of the MoE output)
     trim_keep: int | None = None  # U-trimming: experts kept per group; None: method default (moe-svd 2)
     trim_group_size: int = 8  # U-trimming group size (App. D.4: DeepSeek's 64 experts in 8 groups)
     prior_tokens: float = 8.0  # per-expert Gram + this many "tokens" of the layer's average Gram
@@ -118,6 +120,8 @@ class CompressionOptions:
             raise OptionsError(f"propagate {self.propagate!r} is not one of {PROPAGATE}")
         if self.selection is not None and self.selection not in SELECTIONS:
             raise OptionsError(f"selection {self.selection!r} is not one of {SELECTIONS}")
+        if self.output_basis not in OUTPUT_BASES:
+            raise OptionsError(f"output_basis {self.output_basis!r} is not one of {OUTPUT_BASES}")
         if self.basis_dtype not in BASIS_DTYPES:
             raise OptionsError(f"basis_dtype {self.basis_dtype!r} is not one of {BASIS_DTYPES}")
         if self.trim_keep is not None and self.trim_keep < 1:
@@ -319,7 +323,8 @@ def _shared_basis_layer(model: LayerwiseModel, index: int, experts: LayerExperts
         in_weights = [torch.cat([experts.gate[e], experts.up[e]]) for e in range(num_experts)]
         basis_in = dec.stacked_input_basis(in_weights, stats.routed_tokens.double(),
                                            stats.gram_layer, rank, where)
-        basis_out = dec.stacked_output_basis(list(experts.down), grams_mid, rank)
+        basis_out = (dec.block_output_basis(stats.gram_out, rank) if options.output_basis == "block"
+                     else dec.stacked_output_basis(list(experts.down), grams_mid, rank))
     else:  # "moe-svd": the most frequently routed expert's bases (Eq. 5)
         top = int(torch.argmax(stats.routed_tokens))
         basis_in, basis_out = dec.most_frequent_expert_bases(

@@ -159,6 +159,15 @@ def stacked_output_basis(down_weights: list[torch.Tensor], mid_grams: list[torch
     return _top_eigenvectors(moment, rank)
 
 
+def block_output_basis(output_gram: torch.Tensor, rank: int) -> torch.Tensor:
+    """B [H, r]: top-r principal subspace of the routed MoE output y = sum_e w_e W_down_e h_e.
+    With D_e = B^T W_down_e the compressed block outputs B B^T y (when gate/up are exact), so this B
+    minimises the block's output error ||(I - B B^T) Y||^2 exactly, routing weights and the cancellation
+    between the selected experts included (the per-expert objective of `stacked_output_basis` ignores
+    both)."""
+    return _top_eigenvectors(output_gram.double(), rank)
+
+
 def most_frequent_expert_bases(in_weight: torch.Tensor, down_weight: torch.Tensor, in_gram: torch.Tensor,
                                mid_gram: torch.Tensor, rank: int, where: str
                                ) -> tuple[torch.Tensor, torch.Tensor]:
