@@ -38,6 +38,9 @@ class DemoOptions:
     concurrency: tuple[int, ...] = (1, 8)
     calib_samples: int = 64  # calibration windows x tokens for the compressor
     calib_seq_len: int = 128
+    # The bundled model is narrow (hidden 128): with ranks in steps of 32 only ~22/41/61 % are reachable,
+    # so the demo accepts the nearest reachable ratio within 2 points (the compressor's default is 1).
+    ratio_tolerance: float = 0.02
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,7 +117,8 @@ def _compress(dense_dir: Path, options: DemoOptions) -> tuple[Path, dict]:
     started = time.monotonic()
     compress(dense_dir, out_dir, CompressionOptions(
         ratio=options.ratio, calib=str(corpus_split_path("train")),
-        num_samples=options.calib_samples, seq_len=options.calib_seq_len, force=True))
+        num_samples=options.calib_samples, seq_len=options.calib_seq_len,
+        ratio_tolerance=options.ratio_tolerance, force=True))
     report = json.loads((out_dir / "report.json").read_text())
     return out_dir, {"dir": str(out_dir), "seconds": time.monotonic() - started,
                      "achieved_ratio": report["summary"]["achieved_ratio"]}
