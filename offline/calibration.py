@@ -151,6 +151,7 @@ class ExpertStatistics:
     hidden: int
     intermediate: int
     collect_grams: bool = True
+    routing_weighted: bool = False  # scale each routed token by its routing weight in the Grams
     routed_tokens: torch.Tensor = field(init=False)  # [E] tokens routed to each expert (Eq. 9 numerator)
     total_tokens: int = field(init=False, default=0)  # real (unpadded) tokens seen
     abs_sum: torch.Tensor = field(init=False)  # [E] sum |activation| over the expert's activations
@@ -222,18 +223,18 @@ class ExpertStatisticsHook:
         self.stats.gram_out += y.T @ y
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
-        hidden, top_k_index = args[0], args[1]
+        hidden, top_k_index, top_k_weights = args[0], args[1], args[2]
         if self.token_mask is None:
             raise RuntimeError("ExpertStatisticsHook.token_mask must be set before running a batch")
         mask = self.token_mask.reshape(-1)
-        hidden, top_k_index = hidden[mask], top_k_index[mask]
+        hidden, top_k_index, top_k_weights = hidden[mask], top_k_index[mask], top_k_weights[mask]
         with torch.no_grad():
             if self.outlier_threshold is None:
-                self._accumulate(hidden, top_k_index)
+                self._accumulate(hidden, top_k_index, top_k_weights)
             else:
                 self._count_outliers(hidden, top_k_index)
 
-    def _accumulate(self, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
+    def _accumulate(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
         s = self.stats
         s.total_tokens += hidden.shape[0]
         if s.gram_layer is not None:
@@ -251,6 +252,9 @@ class ExpertStatisticsHook:
             s.num_activations[expert] += act.numel()
             if s.gram_in is not None:
                 x64, a64 = x.double(), act.double()
+                if s.routing_weighted:  # the block output scales expert e by its routing weight w
+                    w = (top_k_weights[routed] * (top_k_index[routed] == expert)).sum(-1).double()
+                    x64, a64 = x64 * w[:, None], a64 * w[:, None]
                 s.gram_in[expert] += x64.T @ x64
                 s.gram_mid[expert] += a64.T @ a64
 

@@ -22,6 +22,7 @@ _HELP = {
     "min_rank_fraction": "plan: decompose few layers only while their ranks stay >= this x full rank",
     "ratio_tolerance": "allowed |achieved - requested| ratio",
     "basis_dtype": "dtype of the shared bases: float32, bfloat16, float16",
+    "routing_weighted": "weight each routed token's Gram contribution by its routing weight squared",
     "output_basis": "moe-svd-stacked output basis: 'block' (PCA of the MoE output) or 'experts'",
     "trim_keep": "U-trimming: experts kept per group (moe-svd default 2; default off otherwise)",
     "trim_group_size": "U-trimming group size",
@@ -51,8 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if field.name in ("ratio", "calib", "force"):
             continue
         flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, type=_arg_type(field.type), default=field.default,
-                            help=f"{_HELP.get(field.name, '')} (default: {field.default})")
+        help_ = f"{_HELP.get(field.name, '')} (default: {field.default})"
+        if str(field.type) == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_)
+        else:
+            parser.add_argument(flag, type=_arg_type(field.type), default=field.default, help=help_)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -94,7 +94,8 @@ class CompressionOptions:
     min_rank_fraction: float = 0.5  # plan: prefer few decomposed layers only while ranks stay >= this
     ratio_tolerance: float = 0.01  # achieved ratio within this of `ratio`
     basis_dtype: str = "float32"  # dtype of the shared bases (factors keep the model dtype)
-    output_basis: str = "experts"  # moe-svd-stacked B: "experts" (per-expert objective) or "block" (PCA of the MoE output)
+    routing_weighted: bool = True  # weight each token's Gram contribution by its routing weight^2
+    output_basis: str = "block"  # moe-svd-stacked B: "block" (PCA of the routed MoE output) or "experts"
     trim_keep: int | None = None  # U-trimming: experts kept per group; None: method default (moe-svd 2)
     trim_group_size: int = 8  # U-trimming group size (App. D.4: DeepSeek's 64 experts in 8 groups)
     prior_tokens: float = 8.0  # per-expert Gram + this many "tokens" of the layer's average Gram
@@ -208,9 +209,10 @@ def _run(model: LayerwiseModel, layer, index: int, stream: _Stream, hook: Expert
 
 
 def _collect(model: LayerwiseModel, layer, index: int, stream: _Stream, collect_grams: bool,
-             desc: str) -> tuple[ExpertStatistics, list[torch.Tensor]]:
+             desc: str, routing_weighted: bool = False) -> tuple[ExpertStatistics, list[torch.Tensor]]:
     dims = model.dims
-    stats = ExpertStatistics(dims.num_experts, dims.hidden, dims.intermediate, collect_grams=collect_grams)
+    stats = ExpertStatistics(dims.num_experts, dims.hidden, dims.intermediate, collect_grams=collect_grams,
+                             routing_weighted=routing_weighted)
     hook = ExpertStatisticsHook(stats, model.moe_block(layer).experts)
     try:
         outputs = _run(model, layer, index, stream, hook, desc)
@@ -487,7 +489,8 @@ def _decomposition_pass(model: LayerwiseModel, calib: CalibrationSet, options: C
                 reports.append(_layer_report(index, score, sensitivity, None, dense, model.dims))
             continue
         layer = model.build_layer(index)
-        stats, outputs = _collect(model, layer, index, stream, True, f"layer {index} grams")
+        stats, outputs = _collect(model, layer, index, stream, True, f"layer {index} grams",
+                                  options.routing_weighted)
         result = decompose_layer(model, index, stats, plan.ranks[index], options, score)
         logger.info("layer %d: rank %d, banks %d, relative errors %s", index, result.spec.rank,
                     result.spec.num_banks, {k: round(v, 5) for k, v in result.relative_error.items()})
