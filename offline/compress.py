@@ -12,8 +12,10 @@ Stages (each timed, with its peak RSS, in report.md/json):
 
 Methods (`moe_svd.method`):
 * "moe-svd-stacked" (default): shared input basis A = top-r subspace of all experts' whitened
-  gate/up rows weighted by routing frequency; shared output basis B = top-r left subspace of all
-  experts' whitened down projections; per-expert factors by whitened least squares; no trimming.
+  gate/up rows weighted by routing frequency; shared output basis B = top-r principal subspace of the
+  routed MoE output (`output_basis="block"`, or of all experts' whitened down projections with
+  "experts"); per-expert factors by whitened least squares (Grams weighted by routing weight^2 with
+  `routing_weighted`); no trimming.
 * "moe-svd": the paper: bases from the most frequently routed expert (Eq. 5-6), factors fitted by
   whitened least squares, U-trimming (Eq. 7-8) keeping the 2 most frequent experts per group of 8.
 * "svd", "whitened-svd": per-expert truncated SVD, plain or activation-weighted (SVD-LLM style), all
