@@ -62,7 +62,9 @@ def prompt_ids(model_dir: Path) -> torch.Tensor:
 
 def test_all_six_architectures_are_offered():
     assert set(TINY_ARCHS) == set(EXPECTED_ARCHITECTURES)
-    assert set(EXPECTED_ARCHITECTURES.values()) == set(PLUGIN_ARCHITECTURES)
+    # Every fixture architecture has a plugin name (the schema also accepts aliases such as
+    # transformers' spelling PhimoeForCausalLM).
+    assert set(EXPECTED_ARCHITECTURES.values()) <= set(PLUGIN_ARCHITECTURES)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
