@@ -130,7 +130,7 @@ def _tokens_per_second_under_load(server: VLLMServer, options: DemoOptions) -> f
     prompts, _ = load_prompts(None, num_prompts=options.num_prompts)
     before = scrape(server.url("/metrics"))
     run_load(endpoint, prompts, GenerationSettings(max_tokens=options.max_tokens),
-             max_concurrency=max(options.concurrency))
+             max_concurrency=max(options.concurrency), show_progress=False)
     rates = rates_between(before, scrape(server.url("/metrics")))
     return rates[server.name].generation_tokens_per_s
 
