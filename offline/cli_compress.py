@@ -21,7 +21,7 @@ _HELP = {
     "rank_threshold": "principal rank: singular values above this times the largest",
     "min_rank_fraction": "plan: decompose few layers only while their ranks stay >= this x full rank",
     "ratio_tolerance": "allowed |achieved - requested| ratio",
-    "basis_dtype": "dtype of the shared bases: float32, bfloat16, float16",
+    "basis_dtype": "dtype of the shared bases: auto (the model's), float32 (AVX2-only CPUs), bfloat16, float16",
     "routing_weighted": "weight each routed token's Gram contribution by its routing weight squared",
     "output_basis": "moe-svd-stacked output basis: 'block' (PCA of the MoE output) or 'experts'",
     "trim_keep": "U-trimming: experts kept per group (moe-svd default 2; default off otherwise)",

@@ -54,6 +54,7 @@ from offline import decompose as dec
 from offline.calibration import CalibrationSet, ExpertStatistics, ExpertStatisticsHook, load_calibration
 from offline.checkpoint_io import atomic_checkpoint_dir, check_output_dir, expert_tensor_names
 from offline.expert_tensors import (
+    dtype_name,
     LayerExperts,
     ShardedSafetensorsWriter,
     copy_side_files,
@@ -95,7 +96,10 @@ class CompressionOptions:
     rank_threshold: float = 0.01  # r_i: singular values above this times the largest (Algorithm 1)
     min_rank_fraction: float = 0.5  # plan: prefer few decomposed layers only while ranks stay >= this
     ratio_tolerance: float = 0.01  # achieved ratio within this of `ratio`
-    basis_dtype: str = "float32"  # dtype of the shared bases (factors keep the model dtype)
+    # dtype of the shared bases (factors keep the model dtype). "auto" = the model's dtype: bf16 bases run on
+    # AMX/AVX512-BF16 CPUs and GPUs natively (measured faster, docs/performance.md); on AVX2-only CPUs,
+    # which have no bf16 matmul, choose "float32".
+    basis_dtype: str = "auto"
     routing_weighted: bool = True  # weight each token's Gram contribution by its routing weight^2
     output_basis: str = "block"  # moe-svd-stacked B: "block" (PCA of the routed MoE output) or "experts"
     trim_keep: int | None = None  # U-trimming: experts kept per group; None: method default (moe-svd 2)
@@ -114,6 +118,10 @@ class CompressionOptions:
             raise OptionsError(f"unknown compression option(s) {unknown}; known: {sorted(names)}")
         return cls(**data)
 
+    def basis_dtype_for(self, model_dtype: torch.dtype) -> str:
+        """The stored dtype of the bases for a model whose expert weights are `model_dtype`."""
+        return dtype_name(model_dtype) if self.basis_dtype == "auto" else self.basis_dtype
+
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise OptionsError(f"method {self.method!r} is not one of {METHODS}")
@@ -125,8 +133,8 @@ class CompressionOptions:
             raise OptionsError(f"selection {self.selection!r} is not one of {SELECTIONS}")
         if self.output_basis not in OUTPUT_BASES:
             raise OptionsError(f"output_basis {self.output_basis!r} is not one of {OUTPUT_BASES}")
-        if self.basis_dtype not in BASIS_DTYPES:
-            raise OptionsError(f"basis_dtype {self.basis_dtype!r} is not one of {BASIS_DTYPES}")
+        if self.basis_dtype != "auto" and self.basis_dtype not in BASIS_DTYPES:
+            raise OptionsError(f"basis_dtype {self.basis_dtype!r} is not 'auto' or one of {BASIS_DTYPES}")
         if self.trim_keep is not None and self.trim_keep < 1:
             raise OptionsError(f"trim_keep must be >= 1, got {self.trim_keep}")
         for name in ("num_samples", "seq_len", "batch_size", "trim_group_size", "baseline_rank_step"):
@@ -171,8 +179,9 @@ def _spec(options: CompressionOptions, dims: MoEDims, rank: int, bank_map: list[
     if bank_map is None:
         banks = _num_banks(dims.num_experts, options.effective_trim_keep, options.trim_group_size)
         bank_map = [min(e, banks - 1) for e in range(dims.num_experts)]  # placeholder with K banks
+    # Parameter counting only: the basis dtype does not change the count.
     return LayerSpec(form=options.form, rank=rank, num_experts=dims.num_experts, bank_map=bank_map,
-                     basis_dtype=options.basis_dtype, sensitivity=sensitivity)
+                     sensitivity=sensitivity)
 
 
 def _batches(calib: CalibrationSet, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -335,7 +344,9 @@ def _shared_basis_layer(model: LayerwiseModel, index: int, experts: LayerExperts
             torch.cat([experts.gate[top], experts.up[top]]), experts.down[top], grams_in[top],
             grams_mid[top], rank, where)
     # the stored (rounded) bases are what the server multiplies with: fit the factors against them
-    basis_dtype, model_dtype = torch_dtype(options.basis_dtype), experts.gate.dtype
+    model_dtype = experts.gate.dtype
+    basis_dtype_name = options.basis_dtype_for(model_dtype)
+    basis_dtype = torch_dtype(basis_dtype_name)
     basis_in = basis_in.to(basis_dtype).double()
     basis_out = basis_out.to(basis_dtype).double()
     inter = dims.intermediate
@@ -362,7 +373,7 @@ def _shared_basis_layer(model: LayerwiseModel, index: int, experts: LayerExperts
                                   + dec.whitened_error(experts.down[e], own_down[k], grams_mid[e])[0])
         bank_map, kept = dec.trimming_bank_map(stats.frequency, keep, options.trim_group_size, distance)
     spec = LayerSpec(form="shared_basis", rank=rank, num_experts=num_experts, bank_map=bank_map,
-                     basis_dtype=options.basis_dtype, sensitivity=sensitivity)
+                     basis_dtype=basis_dtype_name, sensitivity=sensitivity)
     layout = moe_layout(model.model_type)
     prefix = f"model.layers.{index}.{layout.moe_module}"
     tensors = {f"{prefix}.moe_svd_in.weight": basis_in.to(basis_dtype),
@@ -399,8 +410,7 @@ def _per_expert_layer(model: LayerwiseModel, index: int, experts: LayerExperts, 
             approx[key].append((b.double() @ a.double()).float())
     gate, up, down = (torch.stack(approx[k]) for k in ("gate", "up", "down"))
     spec = LayerSpec(form="per_expert", rank=rank, num_experts=dims.num_experts,
-                     bank_map=list(range(dims.num_experts)), basis_dtype=options.basis_dtype,
-                     sensitivity=sensitivity)
+                     bank_map=list(range(dims.num_experts)), sensitivity=sensitivity)  # no bases
     return DecomposedLayer(spec, tensors, gate, up, down, _errors(experts, gate, up, down, grams_in, grams_mid))
 
 
