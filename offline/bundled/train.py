@@ -201,9 +201,9 @@ def write_generation_config(out_dir: Path, eos_id: int) -> None:
     GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id).save_pretrained(out_dir)
 
 
-def write_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> None:
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-    tokenizer_config = {
+def tokenizer_config(model_max_length: int) -> dict:
+    """tokenizer_config.json of our byte-level BPE tokenizers: <|endoftext|> is BOS, EOS and PAD."""
+    return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": END_OF_TEXT,
         "eos_token": END_OF_TEXT,
@@ -212,9 +212,13 @@ def write_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> Non
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": max_length,
+        "model_max_length": model_max_length,
     }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+def write_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> None:
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(max_length), indent=2) + "\n")
 
 
 def add_legacy_expert_count(config_path: Path) -> None:
