@@ -71,7 +71,12 @@ class Scrape:
     samples: dict
 
 
-def scrape(url: str, timeout: float = 10.0) -> Scrape:
+# A vLLM API server sharing a small CPU with busy engines can take seconds to render /metrics; a monitor
+# would rather wait than report a live server as unreachable.
+SCRAPE_TIMEOUT_S = 30.0
+
+
+def scrape(url: str, timeout: float = SCRAPE_TIMEOUT_S) -> Scrape:
     """GET a /metrics URL (a base URL gets /metrics appended) and parse it."""
     url = url.strip()
     if "://" not in url:
@@ -178,8 +183,9 @@ def read_tokens_per_second(url: str, interval_s: float = 5.0) -> dict[str, Model
 class MetricsWatcher:
     """Rates since the previous poll of one or more /metrics URLs (the first poll only primes)."""
 
-    def __init__(self, urls: list[str]):
+    def __init__(self, urls: list[str], timeout_s: float = SCRAPE_TIMEOUT_S):
         self.urls = list(urls)
+        self.timeout_s = timeout_s
         self.previous: dict[str, Scrape] = {}
 
     def poll(self) -> tuple[dict[str, ModelRates], list[str]]:
@@ -188,7 +194,7 @@ class MetricsWatcher:
         problems = []
         for url in self.urls:
             try:
-                current = scrape(url)
+                current = scrape(url, timeout=self.timeout_s)
             except MetricsError as err:
                 problems.append(str(err))
                 continue
