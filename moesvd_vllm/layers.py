@@ -119,8 +119,9 @@ class LowRankSharedBasisMoE(nn.Module):
     """A decomposed MoE layer: router on x, input basis A, fused MoE over K banks in rank space, basis B.
 
     Checkpoint names under this block (`prefix`): `gate.weight` [E, H] (router, unchanged),
-    `moe_svd_in.weight` [r, H], `moe_svd_out.weight` [H, r], `experts.k.<gate>.weight` [I, r],
-    `experts.k.<up>.weight` [I, r], `experts.k.<down>.weight` [r, I] for banks k < K.
+    `moe_svd_in.weight` [r, H], `moe_svd_out.weight` [H, r] (absent when `spec.bases` is false),
+    `experts.k.<gate>.weight` [I', r], `experts.k.<up>.weight` [I', r], `experts.k.<down>.weight` [r, I']
+    for banks k < K, with I' = `intermediate_size` (the kept neurons).
     """
 
     def __init__(self, *, vllm_config, spec: LayerSpec, hidden_size: int, intermediate_size: int,
@@ -142,9 +143,13 @@ class LowRankSharedBasisMoE(nn.Module):
         self.gate = GateLinear(hidden_size, spec.num_experts, quant_config=None, prefix=f"{prefix}.gate")
         self.shared_experts = shared_experts
         # Bases before experts: the runner holds the same modules, and this order keeps their parameter
-        # names `<prefix>.moe_svd_in.weight` / `<prefix>.moe_svd_out.weight`.
-        self.moe_svd_in = BasisProjection(hidden_size, spec.rank, basis_dtype, f"{prefix}.{INPUT_BASIS}")
-        self.moe_svd_out = BasisProjection(spec.rank, hidden_size, basis_dtype, f"{prefix}.{OUTPUT_BASIS}")
+        # names `<prefix>.moe_svd_in.weight` / `<prefix>.moe_svd_out.weight`. A layer reduced only in its
+        # intermediate size (`bases: false`, r = H) has none: the experts run on x itself.
+        self.moe_svd_in = self.moe_svd_out = None
+        if spec.bases:
+            self.moe_svd_in = BasisProjection(hidden_size, spec.rank, basis_dtype, f"{prefix}.{INPUT_BASIS}")
+            self.moe_svd_out = BasisProjection(spec.rank, hidden_size, basis_dtype,
+                                               f"{prefix}.{OUTPUT_BASIS}")
         self.bank_routing = None if is_identity(spec.bank_map) else BankRouting(spec.bank_map)
         gate_name, up_name, down_name = expert_names
         self.experts = FusedMoEFactory(

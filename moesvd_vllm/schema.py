@@ -15,6 +15,10 @@ each model type's MoE module (`mlp` / `block_sparse_moe`) and expert projection 
     model.layers.L.mlp.experts.k.down_proj.weight   [r, I]
 
 Expert e of the original model computes  B @ down_k(act(gate_k(A x)) * up_k(A x))  with k = bank_map[e].
+Two optional reductions (format version 2): `intermediate` I' < I keeps I' intermediate neurons per bank
+(the factors are [I', r] and [r, I']; which neurons were kept is folded into the factors), and
+`bases: false` (only with r = H) stores no bases: A and B are the identity and the factors are [I', H] /
+[H, I'] (a layer reduced by intermediate-neuron selection alone).
 The router (`mlp.gate`) and everything else keeps the original names and shapes. The "per_expert" form
 (baselines: plain / whitened per-expert SVD) stores `experts.e.{gate,up,down}_proj.{lora_a,lora_b}` with
 W ~= lora_b @ lora_a; only the PyTorch reference evaluates it, the plugin refuses it.
@@ -28,9 +32,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added LayerSpec.intermediate and LayerSpec.bases
+READABLE_FORMAT_VERSIONS = (1, 2)
 CONFIG_KEY = "moe_svd"
 RANK_MULTIPLE = 32  # vLLM's CPU fused-MoE kernel needs the expert hidden size (here: r) % 32 == 0
+INTERMEDIATE_MULTIPLE = 16  # kept intermediate neurons per expert: a multiple of this (kernel-friendly tiles)
 
 FORMS = ("shared_basis", "per_expert")
 BASIS_DTYPES = ("float32", "bfloat16", "float16")
@@ -80,6 +86,11 @@ class LayerSpec:
     bank_map: list[int]  # expert e -> bank k (identity when nothing was trimmed)
     basis_dtype: str = "float32"  # dtype of moe_svd_in / moe_svd_out (shared_basis only)
     sensitivity: float | None = None  # S_L (Eq. 4) of this layer, for the report
+    intermediate: int | None = None  # I': intermediate neurons kept per bank (None: the model's I)
+    bases: bool = True  # False: no moe_svd_in/out (A = B = identity; needs rank == hidden)
+
+    def kept_intermediate(self, dims: "MoEDims") -> int:
+        return dims.intermediate if self.intermediate is None else self.intermediate
 
     @property
     def num_banks(self) -> int:
@@ -106,6 +117,26 @@ class LayerSpec:
             raise SchemaError(f"{where}.bank_map: the per_expert form has no banks (identity map)")
         if self.basis_dtype not in BASIS_DTYPES:
             raise SchemaError(f"{where}.basis_dtype: {self.basis_dtype!r} is not one of {BASIS_DTYPES}")
+        if self.intermediate is not None and (
+                not isinstance(self.intermediate, int) or self.intermediate <= 0
+                or self.intermediate % INTERMEDIATE_MULTIPLE):
+            raise SchemaError(f"{where}.intermediate: must be a positive multiple of {INTERMEDIATE_MULTIPLE} "
+                              f"or null, got {self.intermediate!r}")
+        if not isinstance(self.bases, bool) or (self.form == "per_expert" and not self.bases):
+            raise SchemaError(f"{where}.bases: must be true or false (false only for the shared_basis form)")
+        if self.form == "per_expert" and self.intermediate is not None:
+            raise SchemaError(f"{where}.intermediate: the per_expert form keeps every intermediate neuron")
+
+    def validate_dims(self, dims: "MoEDims", where: str) -> None:
+        """Checks that need the model's dimensions (the reader calls this with config.json's dims)."""
+        if self.kept_intermediate(dims) > dims.intermediate:
+            raise SchemaError(f"{where}.intermediate: {self.intermediate} exceeds the model's expert "
+                              f"intermediate size {dims.intermediate}")
+        if self.form == "shared_basis" and self.rank > dims.hidden:
+            raise SchemaError(f"{where}.rank: {self.rank} exceeds the hidden size {dims.hidden}")
+        if not self.bases and self.rank != dims.hidden:
+            raise SchemaError(f"{where}.bases: false needs rank == hidden size {dims.hidden}, got rank "
+                              f"{self.rank}")
 
 
 @dataclass(frozen=True)
@@ -145,10 +176,11 @@ class MoESVDConfig:
     @classmethod
     def from_dict(cls, data: Any) -> "MoESVDConfig":
         where = CONFIG_KEY
-        if isinstance(data, dict) and data.get("format_version") != FORMAT_VERSION:
+        if isinstance(data, dict) and data.get("format_version") not in READABLE_FORMAT_VERSIONS:
             raise SchemaError(
                 f"{where}.format_version: {data.get('format_version')!r} is not supported by this "
-                f"moesvd-vllm (reads version {FORMAT_VERSION}); upgrade moesvd-vllm or re-compress")
+                f"moesvd-vllm (reads versions {list(READABLE_FORMAT_VERSIONS)}); upgrade moesvd-vllm or "
+                "re-compress")
         cfg = _from_dict(cls, data, where)
         layers = {}
         if not isinstance(cfg.layers, dict):
@@ -269,14 +301,16 @@ def moe_layer_indices(config: dict[str, Any]) -> list[int]:
 def expected_layer_tensors(model_type: str, layer_index: int, spec: LayerSpec, dims: MoEDims,
                            model_dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """Name -> (shape, dtype) of every expert tensor a decomposed layer stores (router excluded)."""
+    spec.validate_dims(dims, f"{CONFIG_KEY}.layers.{layer_index}")
     layout = moe_layout(model_type)
     prefix = f"model.layers.{layer_index}.{layout.moe_module}"
     projections = ((layout.gate_proj, "in"), (layout.up_proj, "in"), (layout.down_proj, "out"))
-    r, h, i = spec.rank, dims.hidden, dims.intermediate
+    r, h, i = spec.rank, dims.hidden, spec.kept_intermediate(dims)
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     if spec.form == "shared_basis":
-        out[f"{prefix}.moe_svd_in.weight"] = ((r, h), spec.basis_dtype)
-        out[f"{prefix}.moe_svd_out.weight"] = ((h, r), spec.basis_dtype)
+        if spec.bases:
+            out[f"{prefix}.moe_svd_in.weight"] = ((r, h), spec.basis_dtype)
+            out[f"{prefix}.moe_svd_out.weight"] = ((h, r), spec.basis_dtype)
         for k in range(spec.num_banks):
             for name, side in projections:
                 shape = (i, r) if side == "in" else (r, i)
@@ -292,9 +326,9 @@ def expected_layer_tensors(model_type: str, layer_index: int, spec: LayerSpec, d
 
 def decomposed_layer_params(spec: LayerSpec, dims: MoEDims) -> int:
     """Expert parameters of a decomposed layer (bases + factors), as counted in ParamCounts."""
-    r, h, i = spec.rank, dims.hidden, dims.intermediate
+    r, h, i = spec.rank, dims.hidden, spec.kept_intermediate(dims)
     if spec.form == "shared_basis":
-        return 2 * r * h + spec.num_banks * 3 * i * r
+        return (2 * r * h if spec.bases else 0) + spec.num_banks * 3 * i * r
     return spec.num_experts * r * 3 * (h + i)
 
 

@@ -309,12 +309,16 @@ def _build_compressed_experts(tensors: CheckpointTensors, model_type: str, layer
     prefix = moe_prefix(model_type, layer_index)
     projections = {"gate": layout.gate_proj, "up": layout.up_proj, "down": layout.down_proj}
     if spec.form == "shared_basis":
-        in_name, out_name = f"{prefix}.moe_svd_in.weight", f"{prefix}.moe_svd_out.weight"
+        if spec.bases:
+            input_basis = tensors.get(f"{prefix}.moe_svd_in.weight")
+            output_basis = tensors.get(f"{prefix}.moe_svd_out.weight")
+        else:  # intermediate-neuron selection only: the experts run on x itself
+            input_basis = output_basis = torch.eye(dims.hidden, dtype=torch.float32)
         factors = {
             what: _stack(tensors, [f"{prefix}.experts.{k}.{proj}.weight" for k in range(spec.num_banks)])
             for what, proj in projections.items()}
         basis_dtype = torch.promote_types(torch_dtype(spec.basis_dtype), dtype)
-        module = SharedBasisExperts(tensors.get(in_name), tensors.get(out_name), factors["gate"],
+        module = SharedBasisExperts(input_basis, output_basis, factors["gate"],
                                     factors["up"], factors["down"], spec.bank_map, act_fn, dtype=dtype,
                                     basis_dtype=basis_dtype)
     else:

@@ -53,7 +53,8 @@ def decomposed_moe_block(vllm_config: VllmConfig, compression: MoESVDConfig, lay
     layout = moe_layout(config["model_type"])
     dims = moe_dims(config)
     return LowRankSharedBasisMoE(
-        vllm_config=vllm_config, spec=spec, hidden_size=dims.hidden, intermediate_size=dims.intermediate,
+        vllm_config=vllm_config, spec=spec, hidden_size=dims.hidden,
+        intermediate_size=spec.kept_intermediate(dims),
         top_k=dims.top_k, renormalize=renormalize,
         expert_names=(layout.gate_proj, layout.up_proj, layout.down_proj), prefix=prefix,
         shared_experts=shared_experts, activation=getattr(hf_config, "hidden_act", "silu"))
