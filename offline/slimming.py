@@ -1,0 +1,71 @@
+"""Intermediate-neuron selection for routed experts, with least-squares compensation of `down`.
+
+An expert computes  y = W_down h,  h = act(W_gate x) * (W_up x)  in R^I. Keeping only the neurons S
+(|S| = I') removes rows S^c of gate/up and columns S^c of down. With the Gram C = Y^T Y of the expert's
+intermediate activations over the calibration tokens (routing-weighted like every other Gram), the best
+down projection on S is the least-squares fit
+
+    W'_down = argmin ||W_down H - W' H_S||_F^2 = W_down C[:, S] C[S, S]^{-1},
+
+and the error is tr(D C D^T) with D the difference of the two maps (what `whitened_error` measures).
+
+Which neurons: greedy Optimal Brain Surgeon on whole columns (Hassibi & Stork 1993; the structured form
+of SparseGPT / ZipLM). With Q = C^{-1} over the surviving set and W the current compensated weight, removing
+neuron j and re-fitting the others costs ||W[:, j]||^2 / Q[j, j] and updates
+    W <- W - W[:, j] Q[j, :] / Q[j, j],   Q <- Q - Q[:, j] Q[j, :] / Q[j, j],
+so each removal is O(H I + I^2). The final W is recomputed by the closed form above.
+
+Measured on the bundled model (docs/results.md): selecting 60 % of the neurons with this rule and
+compensation gives held-out perplexity 30.6 against 35.5 for the shared-basis rank reduction at the same
+parameter count; the two reductions compose (rank on the hidden side, neurons on the intermediate side).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SlimmedExpert:
+    kept: torch.Tensor  # [I'] int64, sorted indices of the kept neurons
+    down: torch.Tensor  # [H, I'] float64, compensated down projection
+
+
+def greedy_neuron_selection(down: torch.Tensor, mid_gram: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices (sorted) of the `keep` neurons that greedy structured OBS keeps (see the module docstring).
+    `mid_gram` must be positive definite (callers regularise it)."""
+    size = mid_gram.shape[0]
+    if not 0 < keep <= size:
+        raise ValueError(f"keep must be in [1, {size}], got {keep}")
+    weight = down.double().clone()
+    inverse = torch.linalg.inv(mid_gram.double())
+    alive = torch.ones(size, dtype=torch.bool)
+    for _ in range(size - keep):
+        diag = torch.diagonal(inverse)
+        cost = (weight ** 2).sum(0) / diag.clamp(min=torch.finfo(torch.float64).tiny)
+        cost[~alive] = float("inf")
+        j = int(torch.argmin(cost))
+        pivot = inverse[j, j]
+        weight -= torch.outer(weight[:, j], inverse[j]) / pivot
+        inverse -= torch.outer(inverse[:, j], inverse[j]) / pivot
+        alive[j] = False
+        weight[:, j] = 0.0
+        inverse[j, :] = 0.0
+        inverse[:, j] = 0.0
+    return torch.nonzero(alive).flatten()
+
+
+def compensated_down(down: torch.Tensor, mid_gram: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """W_down C[:, S] C[S, S]^{-1}: the least-squares down projection on the kept neurons S."""
+    c = mid_gram.double()
+    c_ss = c[kept][:, kept]
+    rhs = c[kept] @ down.double().T  # C[S, :] W^T  [I', H]
+    return torch.linalg.solve(c_ss, rhs).T
+
+
+def slim_expert(down: torch.Tensor, mid_gram: torch.Tensor, keep: int) -> SlimmedExpert:
+    """Keep `keep` neurons of one expert: greedy selection, then the closed-form compensated down."""
+    kept = greedy_neuron_selection(down, mid_gram, keep)
+    return SlimmedExpert(kept=kept, down=compensated_down(down, mid_gram, kept))

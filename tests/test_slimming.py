@@ -1,0 +1,64 @@
+"""Intermediate-neuron selection with least-squares compensation (offline/slimming.py)."""
+
+import pytest
+import torch
+
+from offline.slimming import compensated_down, greedy_neuron_selection, slim_expert
+
+
+def _error(down, activations, kept, new_down):
+    """||W Y^T - W' Y_S^T||^2 on the sample itself."""
+    return float(((activations @ down.T) - (activations[:, kept] @ new_down.T)).pow(2).sum())
+
+
+def _sample(tokens=400, neurons=12, hidden=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    activations = torch.randn(tokens, neurons, generator=g, dtype=torch.float64)
+    down = torch.randn(hidden, neurons, generator=g, dtype=torch.float64)
+    return activations, down
+
+
+def test_compensated_down_is_the_least_squares_fit():
+    activations, down = _sample()
+    kept = torch.tensor([0, 2, 3, 7, 9])
+    fitted = compensated_down(down, activations.T @ activations, kept)
+    reference = torch.linalg.lstsq(activations[:, kept], activations @ down.T).solution.T
+    torch.testing.assert_close(fitted, reference, rtol=1e-9, atol=1e-9)
+    assert _error(down, activations, kept, fitted) < _error(down, activations, kept, down[:, kept])
+
+
+def test_redundant_neurons_are_removed_first_at_no_cost():
+    activations, down = _sample(neurons=8)
+    # neurons 5, 6, 7 are linear combinations of 0..4: dropping them loses nothing after compensation
+    mix = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    activations[:, 5:] = activations[:, :5] @ mix
+    gram = activations.T @ activations + 1e-9 * torch.eye(8, dtype=torch.float64)
+    slim = slim_expert(down, gram, keep=5)
+    assert len(slim.kept) == 5
+    assert _error(down, activations, slim.kept, slim.down) < 1e-6 * float((activations @ down.T).pow(2).sum())
+
+
+def test_greedy_beats_keeping_the_largest_activations():
+    activations, down = _sample(neurons=16, seed=3)
+    activations[:, :4] *= 3.0  # large but predictable from each other: correlated copies
+    activations[:, 1:4] = activations[:, :1] + 0.05 * activations[:, 1:4]
+    gram = activations.T @ activations
+    greedy = greedy_neuron_selection(down, gram, keep=8)
+    by_magnitude = torch.topk(torch.diagonal(gram), 8).indices.sort().values
+    greedy_error = _error(down, activations, greedy, compensated_down(down, gram, greedy))
+    magnitude_error = _error(down, activations, by_magnitude, compensated_down(down, gram, by_magnitude))
+    assert greedy_error < magnitude_error
+
+
+def test_keeping_every_neuron_changes_nothing():
+    activations, down = _sample()
+    slim = slim_expert(down, activations.T @ activations, keep=12)
+    assert slim.kept.tolist() == list(range(12))
+    torch.testing.assert_close(slim.down, down)
+
+
+@pytest.mark.parametrize("keep", [0, 13])
+def test_keep_outside_the_layer_is_rejected(keep):
+    activations, down = _sample()
+    with pytest.raises(ValueError, match="keep must be"):
+        greedy_neuron_selection(down, activations.T @ activations, keep)
