@@ -69,3 +69,37 @@ def slim_expert(down: torch.Tensor, mid_gram: torch.Tensor, keep: int) -> Slimme
     """Keep `keep` neurons of one expert: greedy selection, then the closed-form compensated down."""
     kept = greedy_neuron_selection(down, mid_gram, keep)
     return SlimmedExpert(kept=kept, down=compensated_down(down, mid_gram, kept))
+
+
+@dataclass
+class LayerSlimming:
+    kept: list[torch.Tensor]  # per expert, sorted kept neuron indices [I']
+    error: float  # sum_e ||(W_down_e - W'_down_e) Y_e^T||^2 / sum_e ||W_down_e Y_e^T||^2 (whitened, Eq. 11)
+
+
+def slim_experts_in_place(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, mid_gram, keep: int
+                          ) -> LayerSlimming:
+    """Select `keep` neurons of every expert of a layer and rewrite the weights in place: the dropped rows
+    of gate [E, I, H] / up and columns of down [E, H, I] become zero and down gets its compensation, so the
+    layer computes what the slimmed checkpoint computes (and the later stages fit the slimmed weights).
+
+    `mid_gram(e)` returns expert e's regularised intermediate Gram computed from its current weights; it is
+    called for expert e before e is rewritten (each expert's Gram depends only on its own weights)."""
+    kept_all: list[torch.Tensor] = []
+    num = den = 0.0
+    for e in range(down.shape[0]):
+        gram = mid_gram(e)
+        slim = slim_expert(down[e], gram, keep)
+        new_down = torch.zeros(down.shape[1], down.shape[2], dtype=torch.float64)
+        new_down[:, slim.kept] = slim.down
+        difference = down[e].double() - new_down
+        num += float(torch.einsum("ij,jk,ik->", difference, gram, difference))
+        den += float(torch.einsum("ij,jk,ik->", down[e].double(), gram, down[e].double()))
+        dropped = torch.ones(down.shape[2], dtype=torch.bool)
+        dropped[slim.kept] = False
+        with torch.no_grad():
+            gate[e][dropped] = 0
+            up[e][dropped] = 0
+            down[e].copy_(new_down.to(down.dtype))
+        kept_all.append(slim.kept)
+    return LayerSlimming(kept_all, num / den if den > 0 else 0.0)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from offline.slimming import compensated_down, greedy_neuron_selection, slim_expert
+from offline.slimming import compensated_down, greedy_neuron_selection, slim_expert, slim_experts_in_place
 
 
 def _error(down, activations, kept, new_down):
@@ -62,3 +62,27 @@ def test_keep_outside_the_layer_is_rejected(keep):
     activations, down = _sample()
     with pytest.raises(ValueError, match="keep must be"):
         greedy_neuron_selection(down, activations.T @ activations, keep)
+
+
+def test_slimming_a_layer_in_place_zeroes_dropped_neurons_and_compensates_down():
+    g = torch.Generator().manual_seed(5)
+    experts, hidden, neurons, tokens = 3, 6, 8, 300
+    gate = torch.randn(experts, neurons, hidden, generator=g)
+    up = torch.randn(experts, neurons, hidden, generator=g)
+    down = torch.randn(experts, hidden, neurons, generator=g)
+    inputs = torch.randn(tokens, hidden, generator=g)
+    original = down.clone()
+
+    def mid_gram(e):
+        activations = (torch.nn.functional.silu(inputs @ gate[e].T) * (inputs @ up[e].T)).double()
+        return activations.T @ activations
+
+    grams = [mid_gram(e) for e in range(experts)]
+    result = slim_experts_in_place(gate, up, down, mid_gram, keep=5)
+    assert 0.0 < result.error < 1.0
+    for e, kept in enumerate(result.kept):
+        dropped = sorted(set(range(neurons)) - set(kept.tolist()))
+        assert len(kept) == 5 and not gate[e][dropped].any() and not up[e][dropped].any()
+        assert not down[e][:, dropped].any()
+        expected = compensated_down(original[e], grams[e], kept)
+        torch.testing.assert_close(down[e][:, kept].double(), expected, rtol=1e-5, atol=1e-5)
