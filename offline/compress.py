@@ -5,9 +5,11 @@ Stages (each timed, with its peak RSS, in report.md/json):
 2. sensitivity pass (methods with selective decomposition): layer by layer, dense outputs passed on,
    collect f_i (Eq. 9), a_i (Eq. 10) and r_i; S_L (Eq. 4) per layer.
 3. plan: which layers are decomposed and at which ranks, to meet the target ratio (offline.sensitivity).
-4. decomposition pass: layer by layer, only one decoder layer in memory; for a planned layer collect the
-   experts' Gram matrices, decompose, write its tensors, and pass the compressed layer's outputs on
-   (`propagate="compressed"`, llm-compressor's sequential pipeline) or the dense ones.
+4. decomposition pass: layer by layer, only one decoder layer in memory (in the checkpoint's dtype when
+   it is bf16, else float32); for a planned layer keep its MoE inputs and router choices, then expert by
+   expert form that expert's Grams, fit, hand its factors to the writer (spilled to disk) and, with
+   `propagate="compressed"` (llm-compressor's sequential pipeline), write its reconstruction into the
+   layer in place of the dense expert; pass the compressed (or dense) layer's outputs on.
 5. write: config.json (+ `moe_svd` block), shards + index, tokenizer files, reports; atomically.
 
 Methods (`moe_svd.method`):
@@ -24,10 +26,12 @@ Methods (`moe_svd.method`):
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +62,6 @@ from offline.expert_tensors import (
     LayerExperts,
     ShardedSafetensorsWriter,
     copy_side_files,
-    read_layer_experts,
     torch_dtype,
     write_config,
 )
@@ -262,8 +265,7 @@ def sensitivity_pass(model: LayerwiseModel, calib: CalibrationSet, options: Comp
                 _run(model, layer, index, stream, hook, f"layer {index} outliers")
             finally:
                 hook.remove()
-            experts = read_layer_experts(model.tensors, model.model_type, index, model.dims)
-            ranks = _principal_ranks(experts, options.rank_threshold)
+            ranks = _principal_ranks(layer_experts(model, layer), options.rank_threshold)
             freq, outliers = stats.frequency, stats.outlier_ratio()
             result[index] = LayerSensitivity(layer_sensitivity(freq, ranks, outliers), freq, ranks, outliers)
             logger.info("layer %d: S_L = %.4g", index, result[index].score)
@@ -295,145 +297,251 @@ def make_plan(model: LayerwiseModel, options: CompressionOptions,
 @dataclass
 class DecomposedLayer:
     spec: LayerSpec
-    tensors: dict[str, torch.Tensor]  # on-disk name -> tensor (stored dtypes)
-    gate: torch.Tensor  # [E, I, H] the dense weights the stored factors compute (for propagation)
-    up: torch.Tensor
-    down: torch.Tensor  # [E, H, I]
+    written: dict[str, tuple[tuple[int, ...], str]]  # on-disk name -> (shape, stored dtype), as emitted
     relative_error: dict[str, float]
 
 
-def _regularized_grams(stats: ExpertStatistics, options: CompressionOptions
-                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+_TRIM_EVERY_EXPERTS = 8
+
+
+def _release_free_heap() -> None:
+    """Give free heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere). The per-expert
+    temporaries vary in size with each expert's routed tokens; glibc keeps the freed holes resident,
+    measured +1 GB over the 128 experts of a Qwen3-30B-A3B layer without this."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _TensorSink:
+    """Hands each tensor of a decomposed layer on as soon as it exists (to the writer, which spills it to
+    disk) and remembers its shape and dtype for the schema check: the layer's factors are never all
+    in memory."""
+
+    def __init__(self, add: Callable[[str, torch.Tensor], None]):
+        self._add = add
+        self.written: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        self.written[name] = (tuple(tensor.shape), dtype_name(tensor.dtype))
+        self._add(name, tensor)
+
+
+def layer_experts(model: LayerwiseModel, layer) -> LayerExperts:
+    """Views of the built layer's routed experts (gate/up [E, I, H], down [E, H, I], compute dtype):
+    no second copy of the expert weights. The compute dtype holds the stored values exactly (float32,
+    or the checkpoint's own bfloat16)."""
+    experts = model.moe_block(layer).experts
+    gate_up = experts.gate_up_proj.data
+    inter = model.dims.intermediate
+    return LayerExperts(gate_up[:, :inter], gate_up[:, inter:], experts.down_proj.data, [])
+
+
+class _ExpertGrams:
+    """Per-expert Grams formed at the point of use, each with a small prior from the layer-wide average
+    (`prior_tokens` tokens of it) and `damp` * mean(diag) on the diagonal; one expert's at a time."""
+
+    def __init__(self, stats: ExpertStatistics, options: CompressionOptions):
+        self.stats, self.options = stats, options
+        self.in_prior = stats.gram_layer / max(stats.total_tokens, 1)
+        self.mid_prior = stats.gram_mid_sum / max(int(stats.routed_tokens.sum()), 1)
+
+    def _regularized(self, gram: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        return dec.regularized_gram(gram, prior, self.options.prior_tokens, self.options.damp, in_place=True)
+
+    def input(self, expert: int) -> torch.Tensor:
+        return self._regularized(self.stats.input_gram(expert), self.in_prior)
+
+    def mid(self, expert: int) -> torch.Tensor:
+        return self._regularized(self.stats.mid_gram(expert), self.mid_prior)
+
+
+def _regularized_grams(stats: ExpertStatistics, options: CompressionOptions) -> _ExpertGrams:
     """Per-expert input / intermediate Grams, each with a small prior from the layer-wide average."""
-    total = max(stats.total_tokens, 1)
-    in_prior = stats.gram_layer / total
-    mid_prior = stats.gram_mid.sum(0) / max(int(stats.routed_tokens.sum()), 1)
-    grams_in = [dec.regularized_gram(stats.gram_in[e], in_prior, options.prior_tokens, options.damp)
-                for e in range(stats.num_experts)]
-    grams_mid = [dec.regularized_gram(stats.gram_mid[e], mid_prior, options.prior_tokens, options.damp)
-                 for e in range(stats.num_experts)]
-    return grams_in, grams_mid
+    return _ExpertGrams(stats, options)
 
 
-def _errors(experts: LayerExperts, gate, up, down, grams_in, grams_mid) -> dict[str, float]:
-    out = {}
-    for name, ref, approx, grams in (("gate", experts.gate, gate, grams_in), ("up", experts.up, up, grams_in),
-                                     ("down", experts.down, down, grams_mid)):
-        num = den = 0.0
-        for e in range(ref.shape[0]):
-            n, d = dec.whitened_error(ref[e], approx[e], grams[e])
-            num, den = num + n, den + d
-        out[name] = num / den if den > 0 else 0.0
-    return out
+class _ErrorSums:
+    """The report's relative_error: sum_e ||(W_e - W'_e) X_e^T||^2 / sum_e ||W_e X_e^T||^2 per projection."""
+
+    def __init__(self) -> None:
+        self.sums = {name: [0.0, 0.0] for name in ("gate", "up", "down")}
+
+    def add(self, parts: dict[str, tuple[float, float]]) -> None:
+        for name, (num, den) in parts.items():
+            self.sums[name][0] += num
+            self.sums[name][1] += den
+
+    def relative(self) -> dict[str, float]:
+        return {name: num / den if den > 0 else 0.0 for name, (num, den) in self.sums.items()}
 
 
-def _shared_basis_layer(model: LayerwiseModel, index: int, experts: LayerExperts, stats: ExpertStatistics,
-                        rank: int, options: CompressionOptions, sensitivity: float | None) -> DecomposedLayer:
-    dims, where = model.dims, f"layer {index}"
-    grams_in, grams_mid = _regularized_grams(stats, options)
-    num_experts = dims.num_experts
+def _write_expert(layer, model: LayerwiseModel, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    """Make the in-memory layer's expert compute what the compressed checkpoint computes for it."""
+    experts = model.moe_block(layer).experts
+    with torch.no_grad():
+        experts.gate_up_proj.data[expert].copy_(gate_up)
+        experts.down_proj.data[expert].copy_(down)
+
+
+def _reconstruct(factor: torch.Tensor, basis: torch.Tensor, dtype: torch.dtype, basis_first: bool = False
+                 ) -> torch.Tensor:
+    """factor @ basis (or basis @ factor) in `dtype`: a float32 GEMM of the stored (exact in float32)
+    values unless the layer computes in float64."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    f, b = factor.to(work), basis.to(work)
+    return (b @ f if basis_first else f @ b).to(dtype)
+
+
+@dataclass
+class _SharedFactors:
+    """One expert's stored factors: [gate; up] G [2I, r] and down D [r, I] (model dtype)."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+def _shared_bases(model: LayerwiseModel, index: int, experts: LayerExperts, stats: ExpertStatistics,
+                  grams: _ExpertGrams, rank: int, options: CompressionOptions
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    where, num_experts = f"layer {index}", model.dims.num_experts
     if options.method == "moe-svd-stacked":
-        in_weights = [torch.cat([experts.gate[e], experts.up[e]]) for e in range(num_experts)]
-        basis_in = dec.stacked_input_basis(in_weights, stats.routed_tokens.double(),
-                                           stats.gram_layer, rank, where)
-        basis_out = (dec.block_output_basis(stats.gram_out, rank) if options.output_basis == "block"
-                     else dec.stacked_output_basis(list(experts.down), grams_mid, rank))
-    else:  # "moe-svd": the most frequently routed expert's bases (Eq. 5)
-        top = int(torch.argmax(stats.routed_tokens))
-        basis_in, basis_out = dec.most_frequent_expert_bases(
-            torch.cat([experts.gate[top], experts.up[top]]), experts.down[top], grams_in[top],
-            grams_mid[top], rank, where)
+        in_weights = (torch.cat([experts.gate[e], experts.up[e]]) for e in range(num_experts))
+        basis_in = dec.stacked_input_basis(in_weights, stats.routed_tokens.double(), stats.gram_layer,
+                                           rank, where)
+        if options.output_basis == "block":
+            basis_out = dec.block_output_basis(stats.gram_out, rank)
+        else:  # one expert's intermediate Gram alive at a time
+            basis_out = dec.stacked_output_basis(experts.down, (grams.mid(e) for e in range(num_experts)), rank)
+        return basis_in, basis_out
+    top = int(torch.argmax(stats.routed_tokens))  # "moe-svd": the most frequent expert's bases (Eq. 5)
+    return dec.most_frequent_expert_bases(torch.cat([experts.gate[top], experts.up[top]]), experts.down[top],
+                                          grams.input(top), grams.mid(top), rank, where)
+
+
+def _shared_error_parts(fit: dec.InputFit, down_weight: torch.Tensor, mid_gram: torch.Tensor,
+                        factors: _SharedFactors, basis_out: torch.Tensor, inter: int
+                        ) -> dict[str, tuple[float, float]]:
+    """Whitened errors of one expert's dense weights against `factors` (its own, or under U-trimming a
+    kept expert's): gate and up from the fit's terms, down directly (B D is [H, I])."""
+    return {"gate": fit.error(factors.gate_up[:inter], slice(0, inter)),
+            "up": fit.error(factors.gate_up[inter:], slice(inter, None)),
+            "down": dec.whitened_error(down_weight, basis_out @ factors.down.double(), mid_gram)}
+
+
+def _shared_basis_layer(model: LayerwiseModel, index: int, layer, stats: ExpertStatistics, rank: int,
+                        options: CompressionOptions, sensitivity: float | None, write_back: bool,
+                        emit: _TensorSink) -> DecomposedLayer:
+    """Shared bases, then expert by expert (one expert's Grams alive at a time): fit, error terms, and,
+    with `write_back`, the reconstruction written into `layer` in place of the dense expert. Under
+    U-trimming a group's kept experts go first, so each trimmed expert meets the kept ones it chooses
+    from (Eq. 7-8)."""
+    dims, num_experts, inter = model.dims, model.dims.num_experts, model.dims.intermediate
+    experts = layer_experts(model, layer)
+    grams = _regularized_grams(stats, options)
+    basis_in, basis_out = _shared_bases(model, index, experts, stats, grams, rank, options)
     # the stored (rounded) bases are what the server multiplies with: fit the factors against them
-    model_dtype = experts.gate.dtype
+    model_dtype = torch_dtype(model.expert_dtype())
     basis_dtype_name = options.basis_dtype_for(model_dtype)
     basis_dtype = torch_dtype(basis_dtype_name)
     basis_in = basis_in.to(basis_dtype).double()
     basis_out = basis_out.to(basis_dtype).double()
-    inter = dims.intermediate
-    gate_up_f = [dec.fit_input_factor(torch.cat([experts.gate[e], experts.up[e]]), basis_in, grams_in[e])
-                 .to(model_dtype) for e in range(num_experts)]  # one solve serves gate and up
-    gate_f = [f[:inter] for f in gate_up_f]
-    up_f = [f[inter:] for f in gate_up_f]
-    down_f = [dec.fit_output_factor(experts.down[e], basis_out).to(model_dtype) for e in range(num_experts)]
-    # what the stored (rounded) factors compute, float32 to bound memory on large layers
-    own_gate = torch.stack([(g.double() @ basis_in).float() for g in gate_f])
-    own_up = torch.stack([(u.double() @ basis_in).float() for u in up_f])
-    own_down = torch.stack([(basis_out @ d.double()).float() for d in down_f])
-
-    keep = options.effective_trim_keep
-    if keep is None or keep >= min(options.trim_group_size, num_experts):
-        bank_map, kept = list(range(num_experts)), list(range(num_experts))
-    else:  # U-trimming: serve each trimmed expert by the kept expert that reproduces it best
-        distance = torch.full((num_experts, num_experts), float("inf"), dtype=torch.float64)
-        group = options.trim_group_size
-        for e in range(num_experts):
-            for k in range((e // group) * group, min((e // group + 1) * group, num_experts)):
-                distance[e, k] = (dec.whitened_error(experts.gate[e], own_gate[k], grams_in[e])[0]
-                                  + dec.whitened_error(experts.up[e], own_up[k], grams_in[e])[0]
-                                  + dec.whitened_error(experts.down[e], own_down[k], grams_mid[e])[0])
-        bank_map, kept = dec.trimming_bank_map(stats.frequency, keep, options.trim_group_size, distance)
-    spec = LayerSpec(form="shared_basis", rank=rank, num_experts=num_experts, bank_map=bank_map,
-                     basis_dtype=basis_dtype_name, sensitivity=sensitivity)
     layout = moe_layout(model.model_type)
     prefix = f"model.layers.{index}.{layout.moe_module}"
-    tensors = {f"{prefix}.moe_svd_in.weight": basis_in.to(basis_dtype),
-               f"{prefix}.moe_svd_out.weight": basis_out.to(basis_dtype)}
-    for bank, e in enumerate(kept):
-        tensors[f"{prefix}.experts.{bank}.{layout.gate_proj}.weight"] = gate_f[e].contiguous()
-        tensors[f"{prefix}.experts.{bank}.{layout.up_proj}.weight"] = up_f[e].contiguous()
-        tensors[f"{prefix}.experts.{bank}.{layout.down_proj}.weight"] = down_f[e].contiguous()
-    source = [kept[k] for k in bank_map]
-    gate, up, down = own_gate[source], own_up[source], own_down[source]
-    return DecomposedLayer(spec, tensors, gate, up, down, _errors(experts, gate, up, down, grams_in, grams_mid))
+    emit(f"{prefix}.moe_svd_in.weight", basis_in.to(basis_dtype))
+    emit(f"{prefix}.moe_svd_out.weight", basis_out.to(basis_dtype))
+
+    keep = options.effective_trim_keep
+    trimming = keep is not None and keep < min(options.trim_group_size, num_experts)
+    groups = (dec.trimming_groups(num_experts, options.trim_group_size) if trimming
+              else [[e] for e in range(num_experts)])
+    kept_by_group = [dec.kept_in_group(stats.frequency, g, keep) if trimming else g for g in groups]
+    bank_of = {e: bank for bank, e in enumerate(sorted(e for kept in kept_by_group for e in kept))}
+    source = list(range(num_experts))  # the expert whose factors serve each expert
+    errors = _ErrorSums()
+    for group, kept in zip(groups, kept_by_group):
+        factors: dict[int, _SharedFactors] = {}  # the group's kept experts
+        for e in kept + [e for e in group if e not in kept]:
+            if e % _TRIM_EVERY_EXPERTS == 0:
+                _release_free_heap()
+            fit = dec.fit_input(torch.cat([experts.gate[e], experts.up[e]]), basis_in, grams.input(e))
+            mid_gram = grams.mid(e)
+            own = _SharedFactors(fit.factor.to(model_dtype),
+                                 dec.fit_output_factor(experts.down[e], basis_out).to(model_dtype))
+            candidates = {e: own} if e in kept else {k: factors[k] for k in kept}
+            parts = {k: _shared_error_parts(fit, experts.down[e], mid_gram, f, basis_out, inter)
+                     for k, f in candidates.items()}
+            # U-trimming: the kept expert that reproduces e best (whitened distance, Eq. 8)
+            source[e] = min(parts, key=lambda k: (sum(num for num, _ in parts[k].values()), k))
+            errors.add(parts[source[e]])
+            if e in kept:
+                factors[e] = own
+                bank = f"{prefix}.experts.{bank_of[e]}"
+                emit(f"{bank}.{layout.gate_proj}.weight", own.gate_up[:inter])
+                emit(f"{bank}.{layout.up_proj}.weight", own.gate_up[inter:])
+                emit(f"{bank}.{layout.down_proj}.weight", own.down)
+            if write_back:
+                chosen = factors[source[e]]
+                _write_expert(layer, model, e, _reconstruct(chosen.gate_up, basis_in, experts.gate.dtype),
+                              _reconstruct(chosen.down, basis_out, experts.gate.dtype, basis_first=True))
+            del fit, mid_gram
+    bank_map = [bank_of[source[e]] for e in range(num_experts)]
+    spec = LayerSpec(form="shared_basis", rank=rank, num_experts=num_experts, bank_map=bank_map,
+                     basis_dtype=basis_dtype_name, sensitivity=sensitivity)
+    return DecomposedLayer(spec, emit.written, errors.relative())
 
 
-def _per_expert_layer(model: LayerwiseModel, index: int, experts: LayerExperts, stats: ExpertStatistics,
-                      rank: int, options: CompressionOptions, sensitivity: float | None) -> DecomposedLayer:
+def _per_expert_layer(model: LayerwiseModel, index: int, layer, stats: ExpertStatistics, rank: int,
+                      options: CompressionOptions, sensitivity: float | None, write_back: bool,
+                      emit: _TensorSink) -> DecomposedLayer:
     dims, where = model.dims, f"layer {index}"
-    grams_in, grams_mid = _regularized_grams(stats, options)
+    experts = layer_experts(model, layer)
+    grams = _regularized_grams(stats, options)
     whitened = options.method == "whitened-svd"
     layout = moe_layout(model.model_type)
     prefix = f"model.layers.{index}.{layout.moe_module}"
-    model_dtype = experts.gate.dtype
-    tensors: dict[str, torch.Tensor] = {}
-    approx: dict[str, list[torch.Tensor]] = {"gate": [], "up": [], "down": []}
+    model_dtype = torch_dtype(model.expert_dtype())
+    errors = _ErrorSums()
     for e in range(dims.num_experts):
-        s_in = dec.whitening_factor(grams_in[e], f"{where} expert {e} input") if whitened else None
-        s_mid = dec.whitening_factor(grams_mid[e], f"{where} expert {e} down input") if whitened else None
-        for key, proj, weight, s in (("gate", layout.gate_proj, experts.gate[e], s_in),
-                                     ("up", layout.up_proj, experts.up[e], s_in),
-                                     ("down", layout.down_proj, experts.down[e], s_mid)):
+        if e % _TRIM_EVERY_EXPERTS == 0:
+            _release_free_heap()
+        gram_in, gram_mid = grams.input(e), grams.mid(e)
+        s_in = dec.whitening_factor(gram_in, f"{where} expert {e} input") if whitened else None
+        s_mid = dec.whitening_factor(gram_mid, f"{where} expert {e} down input") if whitened else None
+        approx = {}
+        for key, proj, weight, s, gram in (("gate", layout.gate_proj, experts.gate[e], s_in, gram_in),
+                                           ("up", layout.up_proj, experts.up[e], s_in, gram_in),
+                                           ("down", layout.down_proj, experts.down[e], s_mid, gram_mid)):
             low = dec.truncated_svd(weight, rank, s)
             a, b = low.a.to(model_dtype), low.b.to(model_dtype)
-            tensors[f"{prefix}.experts.{e}.{proj}.lora_a"] = a
-            tensors[f"{prefix}.experts.{e}.{proj}.lora_b"] = b
-            approx[key].append((b.double() @ a.double()).float())
-    gate, up, down = (torch.stack(approx[k]) for k in ("gate", "up", "down"))
+            emit(f"{prefix}.experts.{e}.{proj}.lora_a", a)
+            emit(f"{prefix}.experts.{e}.{proj}.lora_b", b)
+            approx[key] = b.double() @ a.double()
+            errors.add({key: dec.whitened_error(weight, approx[key], gram)})
+        if write_back:
+            dtype = experts.gate.dtype
+            _write_expert(layer, model, e, torch.cat([approx["gate"], approx["up"]]).to(dtype),
+                          approx["down"].to(dtype))
     spec = LayerSpec(form="per_expert", rank=rank, num_experts=dims.num_experts,
                      bank_map=list(range(dims.num_experts)), sensitivity=sensitivity)  # no bases
-    return DecomposedLayer(spec, tensors, gate, up, down, _errors(experts, gate, up, down, grams_in, grams_mid))
+    return DecomposedLayer(spec, emit.written, errors.relative())
 
 
-def decompose_layer(model: LayerwiseModel, index: int, stats: ExpertStatistics, rank: int,
-                    options: CompressionOptions, sensitivity: float | None) -> DecomposedLayer:
-    experts = read_layer_experts(model.tensors, model.model_type, index, model.dims)
+def decompose_layer(model: LayerwiseModel, index: int, layer, stats: ExpertStatistics, rank: int,
+                    options: CompressionOptions, sensitivity: float | None,
+                    add: Callable[[str, torch.Tensor], None], write_back: bool = False) -> DecomposedLayer:
+    """Decompose the routed experts of the built `layer` (its weights are the dense ones), handing each
+    written tensor to `add` as soon as it exists. With `write_back` each expert's weights in `layer` are
+    replaced by what the compressed checkpoint computes (propagate="compressed"), after its Grams."""
     build = _shared_basis_layer if options.form == "shared_basis" else _per_expert_layer
-    result = build(model, index, experts, stats, rank, options, sensitivity)
-    expected = expected_layer_tensors(model.model_type, index, result.spec, model.dims,
-                                      str(experts.gate.dtype).removeprefix("torch."))
-    got = {n: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in result.tensors.items()}
+    result = build(model, index, layer, stats, rank, options, sensitivity, write_back, _TensorSink(add))
+    expected = expected_layer_tensors(model.model_type, index, result.spec, model.dims, model.expert_dtype())
+    got = result.written
     if got != expected:  # a bug in this module, never a user error
         raise AssertionError(f"layer {index}: written tensors differ from the schema: "
                              f"{sorted(set(got) ^ set(expected))[:4]} ...")
     return result
-
-
-def _swap_experts(layer, result: DecomposedLayer, compute_dtype: torch.dtype) -> None:
-    """Make the in-memory layer compute what the compressed checkpoint computes."""
-    experts = layer.mlp.experts
-    gate_up = torch.cat([result.gate, result.up], dim=1).to(compute_dtype)
-    experts.gate_up_proj.data = gate_up
-    experts.down_proj.data = result.down.to(compute_dtype)
 
 
 def _copy_layer(model: LayerwiseModel, writer: ShardedSafetensorsWriter, index: int,
@@ -503,20 +611,21 @@ def _decomposition_pass(model: LayerwiseModel, calib: CalibrationSet, options: C
         layer = model.build_layer(index)
         stats, outputs = _collect(model, layer, index, stream, True, f"layer {index} grams",
                                   options.routing_weighted)
-        result = decompose_layer(model, index, stats, plan.ranks[index], options, score)
-        logger.info("layer %d: rank %d, banks %d, relative errors %s", index, result.spec.rank,
-                    result.spec.num_banks, {k: round(v, 5) for k, v in result.relative_error.items()})
+        write_back = options.propagate == "compressed" and index < last_needed
         replaced = set(expert_tensor_names(model.tensors, model.model_type, index, model.dims.num_experts))
         _copy_layer(model, writer, index, replaced)
-        for name, tensor in result.tensors.items():
-            writer.add(name, tensor)
+        result = decompose_layer(model, index, layer, stats, plan.ranks[index], options, score, writer.add,
+                                 write_back)
+        del stats  # the routed inputs
+        logger.info("layer %d: rank %d, banks %d, relative errors %s", index, result.spec.rank,
+                    result.spec.num_banks, {k: round(v, 5) for k, v in result.relative_error.items()})
         specs[str(index)] = result.spec
         reports.append(_layer_report(index, score, sensitivity, result, dense, model.dims))
-        if options.propagate == "compressed" and index < last_needed:
-            _swap_experts(layer, result, model.compute_dtype)
+        if write_back:  # the layer now computes what the checkpoint computes: pass its outputs on
+            del outputs
             outputs = _run(model, layer, index, stream, None, f"layer {index} compressed")
         stream.hidden = outputs
-        del layer, stats, result
+        del layer, result
     return specs, reports
 
 

@@ -3,12 +3,14 @@
 Conventions: a weight W is [out, in] (nn.Linear); a Gram matrix C = X^T X is [in, in] over the rows x of
 the inputs (tokens), accumulated in float64. Whitening S is the lower Cholesky factor, S S^T = C, so
 ||(W - W') X^T||_F = ||(W - W') S||_F (App. D.2: the activation-weighted matrix W S, Eq. 11-12).
-All computation is float64; callers cast the results to the stored dtypes.
+Factorisations, solves and fits are float64; sums of weight Grams W^T W use float32 GEMMs (exact
+inputs) summed in float64. Callers cast the results to the stored dtypes.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -67,13 +69,14 @@ def whitening_factor(gram: torch.Tensor, where: str, *, tolerance: float = 1e-6)
 
 
 def regularized_gram(gram: torch.Tensor, prior: torch.Tensor | None, prior_weight: float,
-                     damp: float) -> torch.Tensor:
-    """C + prior_weight * prior + damp * mean(diag) * I: keeps rarely routed experts well-posed."""
-    out = gram.double().clone()
+                     damp: float, *, in_place: bool = False) -> torch.Tensor:
+    """C + prior_weight * prior + damp * mean(diag) * I: keeps rarely routed experts well-posed.
+    `in_place`: reuse a float64 `gram` the caller does not keep (no [H, H] copy)."""
+    out = gram if in_place and gram.dtype == torch.float64 else gram.double().clone()
     if prior is not None and prior_weight > 0:
-        out += prior_weight * prior.double()
+        out.add_(prior.double(), alpha=prior_weight)
     if damp > 0:
-        out += damp * _jitter_scale(out) * torch.eye(out.shape[0], dtype=out.dtype)
+        out.diagonal().add_(damp * _jitter_scale(out))
     return out
 
 
@@ -129,33 +132,45 @@ def orthonormal_rows(basis: torch.Tensor) -> torch.Tensor:
     return q.T
 
 
-def stacked_input_basis(in_weights: list[torch.Tensor], token_counts: torch.Tensor,
+def weighted_weight_gram(weights: Iterable[torch.Tensor], coefficients: Iterable[float]) -> torch.Tensor:
+    """sum_e c_e W_e^T W_e [H, H] float64: one float32 GEMM per weight (bf16/float32 weights are exact in
+    float32), summed in float64."""
+    moment = None
+    for weight, coefficient in zip(weights, coefficients):
+        w = weight.float()
+        term = (w.T @ w).double()
+        moment = coefficient * term if moment is None else moment.add_(term, alpha=coefficient)
+    if moment is None:
+        raise ValueError("no weights")
+    return moment
+
+
+def stacked_input_basis(in_weights: Iterable[torch.Tensor], token_counts: torch.Tensor,
                         layer_gram: torch.Tensor, rank: int, where: str) -> torch.Tensor:
     """A [r, H]: the top-r right singular subspace of all experts' gate and up rows, stacked, whitened
     by the layer's input Gram and weighted by sqrt(f_e) (V-sharing, Eq. 5-6, with a shared subspace
     in place of the most frequent expert's). `in_weights[e]` is [gate_e; up_e] ([2I, H])."""
     whitening = whitening_factor(layer_gram / max(float(token_counts.sum()), 1.0), f"{where} layer input")
     total = float(token_counts.sum()) or 1.0
-    h = whitening.shape[0]
-    moment = torch.zeros(h, h, dtype=torch.float64)
-    for weight, count in zip(in_weights, token_counts.tolist()):
-        ws = weight.double() @ whitening
-        moment += (count / total) * (ws.T @ ws)  # sum_e f_e (W_e S)^T (W_e S)
+    # sum_e f_e (W_e S)^T (W_e S) = S^T (sum_e f_e W_e^T W_e) S: one [H, H] sum, whitened once
+    weighted = weighted_weight_gram(in_weights, [count / total for count in token_counts.tolist()])
+    moment = whitening.T @ weighted @ whitening
     top = _top_eigenvectors(moment, rank)  # V_r in whitened coordinates [H, r]
     basis = torch.linalg.solve_triangular(whitening.T, top, upper=True).T  # V_r^T S^{-1}
     return orthonormal_rows(basis)
 
 
-def stacked_output_basis(down_weights: list[torch.Tensor], mid_grams: list[torch.Tensor],
+def stacked_output_basis(down_weights: Iterable[torch.Tensor], mid_grams: Iterable[torch.Tensor],
                          rank: int) -> torch.Tensor:
     """B [H, r]: top-r left singular subspace of [W_down_e S_e]_e; with the unnormalised per-expert Grams
     (S_e S_e^T = Y_e^T Y_e) this minimises sum_e ||(I - B B^T) W_down_e Y_e^T||^2 exactly, tokens of
-    frequent experts counting as often as they occur."""
-    h = down_weights[0].shape[0]
-    moment = torch.zeros(h, h, dtype=torch.float64)
+    frequent experts counting as often as they occur. Both arguments may be generators (one expert's
+    Gram alive at a time)."""
+    moment = None
     for weight, gram in zip(down_weights, mid_grams):
         w = weight.double()
-        moment += w @ gram.double() @ w.T
+        term = w @ gram.double() @ w.T
+        moment = term if moment is None else moment.add_(term)
     return _top_eigenvectors(moment, rank)
 
 
@@ -181,12 +196,44 @@ def most_frequent_expert_bases(in_weight: torch.Tensor, down_weight: torch.Tenso
     return basis_in, basis_out
 
 
+@dataclass
+class InputFit:
+    """The whitened least-squares fit of one expert's input-side weight W [out, H] on a shared basis A
+    [r, H] with the expert's Gram C: G = W C A^T (A C A^T)^{-1}. It keeps the terms that give the
+    whitened error of any factor g against W without forming g A (U-trimming and the error report):
+    ||(W - g A) X^T||_F^2 = tr(W C W^T) - 2 tr(g A C W^T) + tr(g (A C A^T) g^T)."""
+
+    factor: torch.Tensor  # G [out, r] float64
+    lhs: torch.Tensor  # A C A^T [r, r]
+    rhs: torch.Tensor  # A C W^T [r, out]
+    row_energy: torch.Tensor  # [out] diag(W C W^T)
+
+    def error(self, factor: torch.Tensor, rows: slice = slice(None)) -> tuple[float, float]:
+        """(||(W_rows - g A) X^T||^2, ||W_rows X^T||^2) for g = `factor` [len(rows), r]."""
+        g = factor.double()
+        energy = float(self.row_energy[rows].sum())
+        cross = float((g * self.rhs[:, rows].T).sum())
+        fitted = float(((g @ self.lhs) * g).sum())
+        return energy - 2.0 * cross + fitted, energy
+
+
+def fit_input(weight: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor) -> InputFit:
+    """G [out, r] minimising ||(W - G A) S||_F^2 with S S^T = gram: G = W C A^T (A C A^T)^{-1}.
+    A C and C W^T are formed once (gate and up are one [2I, H] weight: one solve with 2I right-hand
+    sides); A C A^T is symmetric positive definite for a positive definite C, so Cholesky solves it."""
+    w, a, c = weight.double(), basis.double(), gram.double()
+    cw = c @ w.T  # [H, out]
+    rhs = a @ cw
+    lhs = (a @ c) @ a.T
+    lhs = (lhs + lhs.T) / 2
+    factor_l, info = torch.linalg.cholesky_ex(lhs)
+    solved = torch.cholesky_solve(rhs, factor_l) if int(info) == 0 else torch.linalg.solve(lhs, rhs)
+    return InputFit(factor=solved.T, lhs=lhs, rhs=rhs, row_energy=(w * cw.T).sum(dim=1))
+
+
 def fit_input_factor(weight: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """G [out, r] minimising ||(W - G A) S||_F^2 with S S^T = gram: G = W C A^T (A C A^T)^{-1}."""
-    w, a, c = weight.double(), basis.double(), gram.double()
-    lhs = a @ c @ a.T
-    rhs = a @ c @ w.T
-    return torch.linalg.solve(lhs, rhs).T
+    return fit_input(weight, basis, gram).factor
 
 
 def fit_output_factor(weight: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -202,18 +249,24 @@ def whitened_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------ trimming
+def trimming_groups(num_experts: int, group_size: int) -> list[list[int]]:
+    """U-trimming's groups: `group_size` consecutive experts each (the last may be smaller)."""
+    return [list(range(s, min(s + group_size, num_experts))) for s in range(0, num_experts, group_size)]
+
+
+def kept_in_group(frequency: torch.Tensor, group: list[int], keep_per_group: int) -> list[int]:
+    """The `keep_per_group` most frequently routed experts of `group` (ties: lower index), ascending."""
+    order = sorted(group, key=lambda e: (-float(frequency[e]), e))
+    return sorted(order[:keep_per_group])
+
+
 def trimming_bank_map(frequency: torch.Tensor, keep_per_group: int, group_size: int,
                       distance: torch.Tensor) -> tuple[list[int], list[int]]:
     """U-trimming (Eq. 7-8, App. D.4): in each group of `group_size` consecutive experts keep the
     `keep_per_group` most frequently routed ones; every other expert is served by the kept expert of its
     group at the smallest `distance[e, k]`. Returns (bank_map, kept experts in bank order)."""
-    num_experts = frequency.numel()
-    kept: list[int] = []
-    groups = [list(range(s, min(s + group_size, num_experts))) for s in range(0, num_experts, group_size)]
-    for group in groups:
-        order = sorted(group, key=lambda e: (-float(frequency[e]), e))
-        kept.extend(sorted(order[:keep_per_group]))
-    kept = sorted(kept)
+    groups = trimming_groups(frequency.numel(), group_size)
+    kept = sorted(e for group in groups for e in kept_in_group(frequency, group, keep_per_group))
     bank_of_kept = {e: k for k, e in enumerate(kept)}
     bank_map = []
     for group in groups:

@@ -1,0 +1,121 @@
+"""Per-expert Grams formed on demand from the kept routed inputs equal the ones accumulated per batch
+(the compressor's memory fix: no [E, H, H] accumulator), and the fit's error terms equal the direct
+whitened error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offline import decompose as dec
+from offline.calibration import ExpertStatistics, ExpertStatisticsHook, expert_activations
+
+NUM_EXPERTS, HIDDEN, INTERMEDIATE = 6, 32, 16
+
+
+def _tiny_moe_block():
+    from transformers import AutoConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    config = AutoConfig.for_model("qwen3_moe", hidden_size=HIDDEN, moe_intermediate_size=INTERMEDIATE,
+                                  num_experts=NUM_EXPERTS, num_experts_per_tok=2, num_attention_heads=2,
+                                  num_key_value_heads=1)
+    torch.manual_seed(0)
+    block = Qwen3MoeSparseMoeBlock(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.5)
+    return block
+
+
+def _accumulated_reference(block, batches, routing_weighted: bool):
+    """The per-batch float64 accumulation the compressor did before (one [E, H, H] accumulator)."""
+    seen = []
+    handle = block.experts.register_forward_pre_hook(lambda module, args: seen.append(args[:3]))
+    with torch.no_grad():
+        for hidden, _ in batches:
+            block(hidden)
+    handle.remove()
+    gram_in = torch.zeros(NUM_EXPERTS, HIDDEN, HIDDEN, dtype=torch.float64)
+    gram_mid = torch.zeros(NUM_EXPERTS, INTERMEDIATE, INTERMEDIATE, dtype=torch.float64)
+    gram_layer = torch.zeros(HIDDEN, HIDDEN, dtype=torch.float64)
+    for (x_all, index_all, weight_all), (_, mask) in zip(seen, batches):
+        real = mask.reshape(-1)
+        x_all, index_all, weight_all = x_all[real], index_all[real], weight_all[real]
+        gram_layer += x_all.double().T @ x_all.double()
+        for e in range(NUM_EXPERTS):
+            routed = (index_all == e).any(dim=-1)
+            if not routed.any():
+                continue
+            x = x_all[routed]
+            with torch.no_grad():
+                a = expert_activations(block.experts, e, x).double()
+            x = x.double()
+            if routing_weighted:
+                w = (weight_all[routed] * (index_all[routed] == e)).sum(-1).double()
+                x, a = x * w[:, None], a * w[:, None]
+            gram_in[e] += x.T @ x
+            gram_mid[e] += a.T @ a
+    return gram_in, gram_mid, gram_layer
+
+
+def _batches():
+    g = torch.Generator().manual_seed(5)
+    batches = []
+    for length, pads in ((9, 3), (12, 0), (7, 5)):  # padded positions never count
+        hidden = torch.randn(2, length, HIDDEN, generator=g)
+        mask = torch.ones(2, length, dtype=torch.bool)
+        mask[1, length - pads:] = False
+        batches.append((hidden, mask))
+    return batches
+
+
+@pytest.mark.parametrize("routing_weighted", [True, False])
+def test_grams_formed_on_demand_equal_the_accumulated_ones(routing_weighted):
+    block, batches = _tiny_moe_block(), _batches()
+    stats = ExpertStatistics(NUM_EXPERTS, HIDDEN, INTERMEDIATE, routing_weighted=routing_weighted)
+    hook = ExpertStatisticsHook(stats, block.experts)
+    with torch.no_grad():
+        for hidden, mask in batches:
+            hook.token_mask = mask.reshape(-1)
+            block(hidden)
+    hook.remove()
+    gram_in, gram_mid, gram_layer = _accumulated_reference(block, batches, routing_weighted)
+    assert int(stats.routed_tokens.sum()) == 2 * stats.total_tokens == 2 * int(sum(m.sum() for _, m in batches))
+    for e in range(NUM_EXPERTS):  # float32 GEMMs summed in float64 vs all-float64: rounding only
+        torch.testing.assert_close(stats.input_gram(e), gram_in[e], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats.mid_gram(e), gram_mid[e], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.gram_in, gram_in, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.gram_mid_sum, gram_mid.sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.gram_layer, gram_layer, rtol=1e-5, atol=1e-5)
+
+
+def test_an_expert_no_token_reached_has_zero_grams():
+    block = _tiny_moe_block()
+    stats = ExpertStatistics(NUM_EXPERTS, HIDDEN, INTERMEDIATE)
+    hook = ExpertStatisticsHook(stats, block.experts)
+    hidden = torch.randn(1, 1, HIDDEN, generator=torch.Generator().manual_seed(1))
+    hook.token_mask = torch.ones(1, dtype=torch.bool)
+    with torch.no_grad():
+        block(hidden)
+    hook.remove()
+    unused = [e for e in range(NUM_EXPERTS) if int(stats.routed_tokens[e]) == 0]
+    assert len(unused) == NUM_EXPERTS - 2
+    for e in unused:
+        assert not stats.input_gram(e).any() and not stats.mid_gram(e).any()
+
+
+def test_input_fit_error_terms_equal_the_direct_whitened_error():
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(24, HIDDEN, generator=g, dtype=torch.float64)
+    x = torch.randn(80, HIDDEN, generator=g, dtype=torch.float64)
+    gram = x.T @ x
+    basis = dec.orthonormal_rows(torch.randn(8, HIDDEN, generator=g, dtype=torch.float64))
+    fit = dec.fit_input(weight, basis, gram)
+    # the normal equations of min ||(W - G A) X^T||: G (A C A^T) = W C A^T
+    torch.testing.assert_close(fit.factor @ basis @ gram @ basis.T, weight @ gram @ basis.T)
+    other = fit.factor + 0.1 * torch.randn(fit.factor.shape, generator=g, dtype=torch.float64)
+    for rows in (slice(0, 12), slice(12, None), slice(None)):
+        expected = dec.whitened_error(weight[rows], other[rows] @ basis, gram)
+        got = fit.error(other[rows], rows)
+        assert got == pytest.approx(expected, rel=1e-9)
