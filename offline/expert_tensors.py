@@ -6,8 +6,10 @@ Small helpers shared by `offline.full_rank` (writer) and `offline.reference` (re
 * `read_layer_experts`: one MoE layer's routed experts as stacked [E, I, H] / [E, H, I] tensors, read from
   either the Hub's per-expert names (`experts.<e>.gate_proj.weight` ...) or the fused 3-D tensors that
   transformers 5 uses in memory (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]).
+* `read_fused_experts`: the same as transformers 5's in-memory [E, 2I, H] / [E, H, I] tensors in a given
+  dtype, filled expert by expert (the layer-wise pipeline builds its layers with it).
 * `ShardedSafetensorsWriter` and `atomic_output_dir`: write shards + index into a temporary directory that
-  is renamed into place only when everything succeeded.
+  is renamed into place only when everything succeeded; added tensors are spilled to disk at once.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from typing import Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from moesvd_vllm.schema import MoEDims, moe_layout
 
@@ -144,6 +145,13 @@ def fused_expert_names(model_type: str, layer_index: int) -> tuple[str, str]:
     return f"{base}.gate_up_proj", f"{base}.down_proj"
 
 
+def _stack_into(out: torch.Tensor, names: list[str], tensors: CheckpointTensors) -> torch.Tensor:
+    """Fill out[e] from tensor names[e] one at a time (no list of E tensors next to their stack)."""
+    for e, name in enumerate(names):
+        out[e].copy_(tensors.get(name))
+    return out
+
+
 def read_layer_experts(tensors: CheckpointTensors, model_type: str, layer_index: int,
                        dims: MoEDims) -> LayerExperts:
     """Stacked dense expert weights of one layer, from per-expert or fused tensors."""
@@ -153,20 +161,51 @@ def read_layer_experts(tensors: CheckpointTensors, model_type: str, layer_index:
         gate, up = gate_up.split(dims.intermediate, dim=1)
         experts = LayerExperts(gate.contiguous(), up.contiguous(), down, [gate_up_name, down_name])
     else:
-        names = [per_expert_names(model_type, layer_index, e) for e in range(dims.num_experts)]
-        missing = [n for triple in names for n in triple if n not in tensors]
-        if missing:
-            raise KeyError(
-                f"layer {layer_index}: expert weights missing from {tensors.model_dir}: {missing[:3]}"
-                f"{' ...' if len(missing) > 3 else ''} (expected per-expert Hub names or fused "
-                f"{gate_up_name!r}/{down_name!r}); is this a dense {model_type} checkpoint?")
+        names = _per_expert_names_checked(tensors, model_type, layer_index, dims)
+        dtype = torch_dtype(tensors.dtype(names[0][0]))
+        e, i, h = dims.num_experts, dims.intermediate, dims.hidden
         experts = LayerExperts(
-            gate=torch.stack([tensors.get(g) for g, _, _ in names]),
-            up=torch.stack([tensors.get(u) for _, u, _ in names]),
-            down=torch.stack([tensors.get(d) for _, _, d in names]),
+            gate=_stack_into(torch.empty(e, i, h, dtype=dtype), [g for g, _, _ in names], tensors),
+            up=_stack_into(torch.empty(e, i, h, dtype=dtype), [u for _, u, _ in names], tensors),
+            down=_stack_into(torch.empty(e, h, i, dtype=dtype), [d for _, _, d in names], tensors),
             source_names=[n for triple in names for n in triple])
     _check_expert_shapes(experts, layer_index, dims)
     return experts
+
+
+def _per_expert_names_checked(tensors: CheckpointTensors, model_type: str, layer_index: int,
+                              dims: MoEDims) -> list[tuple[str, str, str]]:
+    names = [per_expert_names(model_type, layer_index, e) for e in range(dims.num_experts)]
+    missing = [n for triple in names for n in triple if n not in tensors]
+    if missing:
+        gate_up_name, down_name = fused_expert_names(model_type, layer_index)
+        raise KeyError(
+            f"layer {layer_index}: expert weights missing from {tensors.model_dir}: {missing[:3]}"
+            f"{' ...' if len(missing) > 3 else ''} (expected per-expert Hub names or fused "
+            f"{gate_up_name!r}/{down_name!r}); is this a dense {model_type} checkpoint?")
+    return names
+
+
+def read_fused_experts(tensors: CheckpointTensors, model_type: str, layer_index: int, dims: MoEDims,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's experts as transformers 5 holds them in memory, gate_up_proj [E, 2I, H] and down_proj
+    [E, H, I], in `dtype`: filled expert by expert, so the layer's experts exist once (not per-expert
+    tensors, their stacks and the concatenation next to each other)."""
+    gate_up_name, down_name = fused_expert_names(model_type, layer_index)
+    if gate_up_name in tensors and down_name in tensors:
+        gate_up, down = tensors.get(gate_up_name).to(dtype), tensors.get(down_name).to(dtype)
+    else:
+        e, i, h = dims.num_experts, dims.intermediate, dims.hidden
+        gate_up, down = torch.empty(e, 2 * i, h, dtype=dtype), torch.empty(e, h, i, dtype=dtype)
+        for expert, (gate, up, down_name_e) in enumerate(
+                _per_expert_names_checked(tensors, model_type, layer_index, dims)):
+            gate_up[expert, :i].copy_(tensors.get(gate))
+            gate_up[expert, i:].copy_(tensors.get(up))
+            down[expert].copy_(tensors.get(down_name_e))
+    intermediate = gate_up.shape[1] // 2
+    _check_expert_shapes(LayerExperts(gate_up[:, :intermediate], gate_up[:, intermediate:], down, []),
+                         layer_index, dims)
+    return gate_up, down
 
 
 def _check_expert_shapes(experts: LayerExperts, layer_index: int, dims: MoEDims) -> None:
@@ -178,32 +217,96 @@ def _check_expert_shapes(experts: LayerExperts, layer_index: int, dims: MoEDims)
                              f"config.json implies {shape}; the checkpoint and its config disagree")
 
 
+_SAFETENSORS_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+_COPY_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass
+class _Spilled:
+    """A tensor added to the writer: its bytes wait in the spill file at `offset`."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+
+
 class ShardedSafetensorsWriter:
-    """Collects tensors and writes `model-0000k-of-0000n.safetensors` shards plus the index file."""
+    """Writes `model-0000k-of-0000n.safetensors` shards plus the index file.
+
+    Every added tensor goes to a temporary spill file at once, so memory holds none of them (a shard
+    may be 2 GiB, more than a bf16 Qwen3-30B-A3B MoE layer); when a shard is full its header is written
+    and the bytes are copied behind it, ordered as `safetensors.torch.save_file` orders them (larger
+    dtypes first, then by name: every tensor aligned to its element size)."""
 
     def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3):
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
+        self._pending: list[_Spilled] = []
         self._pending_bytes = 0
+        self._spill = None
+        self._names: set[str] = set()
         self._written: list[tuple[Path, list[str]]] = []
         self._total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in names for _, names in self._written):
+        if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
+        if tensor.dtype not in _SAFETENSORS_CODES:
+            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in safetensors")
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.detach().contiguous()
+        if self._spill is None:
+            self._spill = open(self._spill_path(), "w+b")
+        data = tensor.detach().cpu().contiguous()
+        offset = self._spill.tell()
+        if size:
+            self._spill.write(data.reshape(-1).view(torch.uint8).numpy().data)
+        self._pending.append(_Spilled(name, data.dtype, tuple(data.shape), offset, size))
+        self._names.add(name)
         self._pending_bytes += size
         self._total_bytes += size
 
+    def _spill_path(self) -> Path:
+        return self.out_dir / f"shard-{len(self._written):05d}.spill.tmp"
+
+    def _header(self, entries: list[_Spilled]) -> bytes:
+        header: dict = {"__metadata__": {"format": "pt"}}
+        start = 0
+        for entry in entries:
+            header[entry.name] = {"dtype": _SAFETENSORS_CODES[entry.dtype], "shape": list(entry.shape),
+                                  "data_offsets": [start, start + entry.size]}
+            start += entry.size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        return raw + b" " * (-len(raw) % 8)
+
     def _flush(self) -> None:
         path = self.out_dir / f"shard-{len(self._written):05d}.tmp"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._written.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        entries = sorted(self._pending, key=lambda t: (-torch.empty((), dtype=t.dtype).element_size(), t.name))
+        header = self._header(entries)
+        with open(path, "wb") as shard:
+            shard.write(len(header).to_bytes(8, "little"))
+            shard.write(header)
+            for entry in entries:
+                self._copy_spilled(entry, shard)
+        if self._spill is not None:
+            self._spill.close()
+            self._spill_path().unlink()
+            self._spill = None
+        self._written.append((path, [t.name for t in self._pending]))
+        self._pending, self._pending_bytes = [], 0
+
+    def _copy_spilled(self, entry: _Spilled, shard) -> None:
+        self._spill.seek(entry.offset)
+        left = entry.size
+        while left:
+            chunk = self._spill.read(min(left, _COPY_CHUNK_BYTES))
+            shard.write(chunk)
+            left -= len(chunk)
 
     def finish(self) -> list[Path]:
         """Write the last shard, give shards their final names and write the index."""

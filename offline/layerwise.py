@@ -18,9 +18,11 @@ from torch import nn
 
 from moesvd_vllm.schema import MoEDims, moe_dims, moe_layer_indices, moe_layout
 from offline.checkpoint_io import CheckpointError, disk_name, layer_state_dict, verify_shards
-from offline.expert_tensors import CheckpointTensors, read_config
+from offline.expert_tensors import CheckpointTensors, read_config, read_fused_experts
 
 logger = logging.getLogger(__name__)
+
+_FUSED_EXPERT_KEYS = ("experts.gate_up_proj", "experts.down_proj")  # transformers 5's routed experts
 
 
 @dataclass
@@ -41,10 +43,20 @@ def _hf_config(model_dir: Path):
     return config
 
 
-class LayerwiseModel:
-    """A checkpoint read lazily; builds embeddings, masks and one decoder layer at a time."""
+def default_compute_dtype(expert_dtype: str) -> torch.dtype:
+    """bfloat16 for bf16 checkpoints (as they run in HF and vLLM; a float32 copy of a 128-expert
+    Qwen3-30B-A3B layer alone would be 2x its stored bytes), float32 otherwise (fp16 overflows more
+    easily on CPU; float32 checkpoints keep their precision)."""
+    return torch.bfloat16 if expert_dtype == "bfloat16" else torch.float32
 
-    def __init__(self, model_dir: str | os.PathLike, compute_dtype: torch.dtype = torch.float32):
+
+class LayerwiseModel:
+    """A checkpoint read lazily; builds embeddings, masks and one decoder layer at a time.
+
+    `compute_dtype`: the dtype the layers run in; by default `default_compute_dtype` of the experts'
+    stored dtype."""
+
+    def __init__(self, model_dir: str | os.PathLike, compute_dtype: torch.dtype | None = None):
         self.model_dir = Path(model_dir)
         self.raw_config = read_config(self.model_dir)
         self.model_type = self.raw_config.get("model_type", "")
@@ -54,7 +66,7 @@ class LayerwiseModel:
         self.dims: MoEDims = moe_dims(self.raw_config)
         self.moe_layers: list[int] = moe_layer_indices(self.raw_config)
         self.num_layers = int(self.raw_config["num_hidden_layers"])
-        self.compute_dtype = compute_dtype
+        self.compute_dtype = compute_dtype or default_compute_dtype(self.expert_dtype())
         self.config = _hf_config(self.model_dir)
         self._skeleton = self._meta_model()
         self._rotary = type(self._skeleton.model.rotary_emb)(config=self.config)
@@ -99,9 +111,17 @@ class LayerwiseModel:
         with torch.device("meta"):
             layer = layer_cls(self.config, layer_index)
         keys = list(layer.state_dict().keys())
+        expert_keys = [k for k in keys if k.endswith(_FUSED_EXPERT_KEYS)]
         dims = self.dims if layer_index in self.moe_layers else None
-        state = layer_state_dict(self.tensors, self.model_type, layer_index, keys, dims)
+        state = layer_state_dict(self.tensors, self.model_type, layer_index,
+                                 [k for k in keys if k not in expert_keys], dims)
         state = {k: v.to(self.compute_dtype) for k, v in state.items()}
+        if expert_keys:  # read straight into the fused tensors, in the compute dtype (one copy)
+            if dims is None:
+                raise CheckpointError(f"layer {layer_index}: unexpected routed experts in a dense layer")
+            gate_up, down = read_fused_experts(self.tensors, self.model_type, layer_index, dims,
+                                               self.compute_dtype)
+            state.update({k: gate_up if k.endswith(_FUSED_EXPERT_KEYS[0]) else down for k in expert_keys})
         layer.load_state_dict(state, strict=True, assign=True)
         leftover = [n for n, b in layer.named_buffers() if b.is_meta]
         if leftover:
