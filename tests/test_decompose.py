@@ -10,7 +10,14 @@ import torch
 from moesvd_vllm.schema import LayerSpec, MoEDims, decomposed_layer_params, dense_layer_params
 from offline import decompose as dec
 from offline.calibration import ExpertStatistics, ExpertStatisticsHook, sample_windows, CalibrationError
-from offline.sensitivity import RatioError, layer_sensitivity, plan_decomposition
+from offline.sensitivity import (
+    LayerShape,
+    RatioError,
+    layer_sensitivity,
+    monotone_levels,
+    plan_decomposition,
+    shape_levels,
+)
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -154,44 +161,79 @@ def test_trimming_keeps_the_most_frequent_experts_and_maps_to_the_nearest():
     assert bank_map == [1, 0, 0, 1, 2, 3, 3, 2]
 
 
-def test_plan_meets_the_requested_ratio_within_one_point():
+def _levels(dims, form, min_intermediate_fraction=1.0, step=32):
+    max_rank = dims.hidden if form == "shared_basis" else min(dims.hidden, dims.intermediate)
+    candidates = shape_levels(hidden=dims.hidden, intermediate=dims.intermediate, rank_step=step,
+                              max_rank=max_rank, intermediate_step=8,
+                              min_intermediate_fraction=min_intermediate_fraction)
+
+    def params(shape):
+        spec = LayerSpec(form, shape.rank, dims.num_experts, list(range(dims.num_experts)),
+                         intermediate=None if shape.intermediate == dims.intermediate else shape.intermediate,
+                         bases=shape.bases)
+        return decomposed_layer_params(spec, dims)
+
+    return monotone_levels(candidates, params, dense_layer_params(dims)), params
+
+
+@pytest.mark.parametrize("form,fraction,step,all_layers", [
+    ("shared_basis", 1.0, 32, False),  # the paper's rank-only reduction, selective
+    ("shared_basis", 0.5, 32, False),  # the default: intermediate neurons first, then rank
+    ("per_expert", 1.0, 1, True),  # baselines: every layer, any rank
+])
+def test_plan_meets_the_requested_ratio_within_one_point(form, fraction, step, all_layers):
     dims = MoEDims(num_experts=8, top_k=2, hidden=256, intermediate=192)
     sensitivity = {i: float(s) for i, s in enumerate([5, 1, 3, 2, 4, 6, 0.5, 7])}
-
-    def shared(rank):
-        return decomposed_layer_params(LayerSpec("shared_basis", rank, 8, list(range(8))), dims)
-
-    def per_expert(rank):
-        return decomposed_layer_params(LayerSpec("per_expert", rank, 8, list(range(8))), dims)
-
+    levels, params = _levels(dims, form, fraction, step)
     dense = dense_layer_params(dims)
     for ratio in (0.2, 0.3, 0.4, 0.5, 0.6):
-        for counter, step, all_layers in ((shared, 32, False), (per_expert, 1, True)):
-            plan = plan_decomposition(sensitivity, ratio, dense_layer=dense, decomposed_layer=counter,
-                                      max_rank=256 if step == 32 else 192, rank_step=step, tolerance=0.01,
-                                      min_rank_fraction=0.5, decompose_all=all_layers)
-            removed = sum(dense - counter(r) for r in plan.ranks.values()) / (dense * 8)
-            assert abs(removed - ratio) <= 0.01, (ratio, plan)
-            assert plan.ratio == pytest.approx(removed)
-            assert all(r % step == 0 for r in plan.ranks.values())
-            if not all_layers and len(plan.ranks) < 8:  # selective: the least sensitive layers first
-                kept = set(sensitivity) - set(plan.ranks)
-                assert max(sensitivity[i] for i in plan.ranks) <= min(sensitivity[i] for i in kept)
+        plan = plan_decomposition(sensitivity, ratio, dense_layer=dense, levels=levels, layer_params=params,
+                                  tolerance=0.01, min_kept_fraction=0.5, decompose_all=all_layers)
+        removed = sum(dense - params(shape) for shape in plan.shapes.values()) / (dense * 8)
+        assert abs(removed - ratio) <= 0.01, (ratio, plan)
+        assert plan.ratio == pytest.approx(removed)
+        assert all(shape.rank % step == 0 for shape in plan.shapes.values())
+        assert all(shape.intermediate % 8 == 0 for shape in plan.shapes.values())
+        if not all_layers and len(plan.shapes) < 8:  # selective: the least sensitive layers first
+            kept = set(sensitivity) - set(plan.shapes)
+            assert max(sensitivity[i] for i in plan.shapes) <= min(sensitivity[i] for i in kept)
+
+
+def test_default_levels_reduce_neurons_first_then_rank():
+    dims = MoEDims(num_experts=8, top_k=2, hidden=128, intermediate=256)
+    levels, params = _levels(dims, "shared_basis", 0.5)
+    assert levels[0] == LayerShape(128, 248, bases=False)
+    assert [s.intermediate for s in levels if not s.bases] == list(range(248, 127, -8))
+    assert [(s.rank, s.intermediate) for s in levels if s.bases] == [(96, 128), (64, 128), (32, 128)]
+    costs = [params(s) for s in levels]
+    assert costs == sorted(costs, reverse=True) and len(set(costs)) == len(costs)  # strictly decreasing
+
+
+def test_levels_skip_shapes_that_do_not_remove_parameters():
+    # a wide hidden size with many experts: adding the two [H, r] bases at r = H - 32 costs more than the
+    # 32 ranks save, so that level is dropped
+    dims = MoEDims(num_experts=2, top_k=1, hidden=2048, intermediate=64)
+    levels, params = _levels(dims, "shared_basis", 0.5)
+    costs = [params(s) for s in levels]
+    assert costs == sorted(costs, reverse=True) and len(set(costs)) == len(costs)
+    assert all(c < dense_layer_params(dims) for c in costs)
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, 1.5])
 def test_ratio_outside_zero_one_is_rejected(ratio):
     with pytest.raises(RatioError, match="strictly between 0 and 1"):
-        plan_decomposition({0: 1.0}, ratio, dense_layer=100, decomposed_layer=lambda r: r, max_rank=64,
-                           rank_step=32, tolerance=0.01, min_rank_fraction=0.5, decompose_all=False)
+        plan_decomposition({0: 1.0}, ratio, dense_layer=100, levels=[LayerShape(32, 16)],
+                           layer_params=lambda s: 50, tolerance=0.01, min_kept_fraction=0.5,
+                           decompose_all=False)
 
 
 def test_unreachable_ratio_is_rejected():
-    # one layer of 100 parameters; rank 32 costs 60, rank 64 costs 90: removable 10 % or 40 % only
+    # one layer of 100 parameters; rank 64 costs 90, rank 32 costs 60: removable 10 % or 40 % only
+    levels = [LayerShape(64, 16), LayerShape(32, 16)]
     with pytest.raises(RatioError, match="not reachable"):
-        plan_decomposition({0: 1.0}, 0.25, dense_layer=100, decomposed_layer=lambda r: 30 + 30 * (r // 32),
-                           max_rank=64, rank_step=32, tolerance=0.01, min_rank_fraction=0.5,
-                           decompose_all=False)
+        plan_decomposition({0: 1.0}, 0.25, dense_layer=100, levels=levels,
+                           layer_params=lambda s: 30 + 30 * (s.rank // 32), tolerance=0.01,
+                           min_kept_fraction=0.5, decompose_all=False)
 
 
 def _tiny_moe_block():
