@@ -36,7 +36,7 @@ FORMAT_VERSION = 2  # 2 added LayerSpec.intermediate and LayerSpec.bases
 READABLE_FORMAT_VERSIONS = (1, 2)
 CONFIG_KEY = "moe_svd"
 RANK_MULTIPLE = 32  # vLLM's CPU fused-MoE kernel needs the expert hidden size (here: r) % 32 == 0
-INTERMEDIATE_MULTIPLE = 16  # kept intermediate neurons per expert: a multiple of this (kernel-friendly tiles)
+INTERMEDIATE_MULTIPLE = 8  # kept intermediate neurons per expert: a multiple of this (vLLM pads to its tiles)
 
 FORMS = ("shared_basis", "per_expert")
 BASIS_DTYPES = ("float32", "bfloat16", "float16")

@@ -38,8 +38,8 @@ def test_a_layer_without_bases_stores_only_the_factors():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(intermediate=100), "multiple of 16"),
-    (dict(intermediate=-16), "multiple of 16"),
+    (dict(intermediate=100), "multiple of 8"),
+    (dict(intermediate=-16), "multiple of 8"),
     (dict(form="per_expert", intermediate=128), "keeps every intermediate neuron"),
     (dict(form="per_expert", bases=False), "bases"),
 ])
