@@ -44,6 +44,7 @@ from moesvd_vllm.schema import (
     CONFIG_KEY,
     FORMAT_VERSION,
     PLUGIN_ARCHITECTURES,
+    INTERMEDIATE_MULTIPLE,
     RANK_MULTIPLE,
     LayerSpec,
     MoEDims,
@@ -67,7 +68,16 @@ from offline.expert_tensors import (
 )
 from offline.layerwise import LayerInputs, LayerwiseModel
 from offline.report import LayerReport, StageClock, write_reports
-from offline.sensitivity import Plan, RatioError, layer_sensitivity, plan_decomposition
+from offline.sensitivity import (
+    LayerShape,
+    Plan,
+    RatioError,
+    layer_sensitivity,
+    monotone_levels,
+    plan_decomposition,
+    shape_levels,
+)
+from offline.slimming import slim_experts_in_place
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +107,13 @@ class CompressionOptions:
     selection: str | None = None  # "sensitivity" (selective, Eq. 4) or "all"; None: method default
     outlier_tau: float = 2.0  # tau of Eq. 10 (Algorithm 1's default)
     rank_threshold: float = 0.01  # r_i: singular values above this times the largest (Algorithm 1)
-    min_rank_fraction: float = 0.5  # plan: prefer few decomposed layers only while ranks stay >= this
+    # plan: decompose few layers only while each keeps >= this share of its expert parameters (spreading a
+    # light target over all layers measured better than concentrating it: docs/results.md)
+    min_kept_fraction: float = 0.75
+    # intermediate-neuron selection (offline/slimming.py): reduce each expert's neurons first, down to this
+    # fraction of I, then the rank. None: the method's default (moe-svd-stacked 0.5; the paper's moe-svd
+    # and the per-expert baselines 1.0 = rank only).
+    min_intermediate_fraction: float | None = None
     ratio_tolerance: float = 0.01  # achieved ratio within this of `ratio`
     # dtype of the shared bases (factors keep the model dtype). "auto" = the model's dtype: bf16 bases run on
     # AMX/AVX512-BF16 CPUs and GPUs natively (measured faster, docs/performance.md); on AVX2-only CPUs,
@@ -138,6 +154,14 @@ class CompressionOptions:
             raise OptionsError(f"output_basis {self.output_basis!r} is not one of {OUTPUT_BASES}")
         if self.basis_dtype != "auto" and self.basis_dtype not in BASIS_DTYPES:
             raise OptionsError(f"basis_dtype {self.basis_dtype!r} is not 'auto' or one of {BASIS_DTYPES}")
+        fraction = self.min_intermediate_fraction
+        if fraction is not None and not 0.0 < fraction <= 1.0:
+            raise OptionsError(f"min_intermediate_fraction must be in (0, 1], got {fraction}")
+        if fraction is not None and fraction < 1.0 and self.form != "shared_basis":
+            raise OptionsError(f"min_intermediate_fraction < 1 (neuron selection) needs a shared-basis method, "
+                               f"not {self.method!r}; the per-expert baselines reduce the rank only")
+        if not 0.0 <= self.min_kept_fraction <= 1.0:
+            raise OptionsError(f"min_kept_fraction must be in [0, 1], got {self.min_kept_fraction}")
         if self.trim_keep is not None and self.trim_keep < 1:
             raise OptionsError(f"trim_keep must be >= 1, got {self.trim_keep}")
         for name in ("num_samples", "seq_len", "batch_size", "trim_group_size", "baseline_rank_step"):
@@ -155,6 +179,12 @@ class CompressionOptions:
         return "sensitivity" if self.form == "shared_basis" else "all"
 
     @property
+    def effective_min_intermediate_fraction(self) -> float:
+        if self.min_intermediate_fraction is not None:
+            return self.min_intermediate_fraction
+        return 0.5 if self.method == "moe-svd-stacked" else 1.0
+
+    @property
     def effective_trim_keep(self) -> int | None:
         if self.trim_keep is not None:
             return self.trim_keep
@@ -167,6 +197,7 @@ class CompressionOptions:
             out.pop(key)
         out["selection"] = self.effective_selection
         out["trim_keep"] = self.effective_trim_keep
+        out["min_intermediate_fraction"] = self.effective_min_intermediate_fraction
         return out
 
 
@@ -177,14 +208,14 @@ def _num_banks(num_experts: int, keep: int | None, group_size: int) -> int:
     return sum(min(keep, min(group_size, num_experts - s)) for s in range(0, num_experts, group_size))
 
 
-def _spec(options: CompressionOptions, dims: MoEDims, rank: int, bank_map: list[int] | None = None,
-          sensitivity: float | None = None) -> LayerSpec:
-    if bank_map is None:
-        banks = _num_banks(dims.num_experts, options.effective_trim_keep, options.trim_group_size)
-        bank_map = [min(e, banks - 1) for e in range(dims.num_experts)]  # placeholder with K banks
-    # Parameter counting only: the basis dtype does not change the count.
-    return LayerSpec(form=options.form, rank=rank, num_experts=dims.num_experts, bank_map=bank_map,
-                     sensitivity=sensitivity)
+def _counting_spec(options: CompressionOptions, dims: MoEDims, shape: LayerShape) -> LayerSpec:
+    """A spec with the right parameter count for `shape` (placeholder bank map with the planned K banks;
+    the basis dtype does not change the count)."""
+    banks = _num_banks(dims.num_experts, options.effective_trim_keep, options.trim_group_size)
+    bank_map = [min(e, banks - 1) for e in range(dims.num_experts)]
+    intermediate = None if shape.intermediate == dims.intermediate else shape.intermediate
+    return LayerSpec(form=options.form, rank=shape.rank, num_experts=dims.num_experts, bank_map=bank_map,
+                     intermediate=intermediate, bases=shape.bases)
 
 
 def _batches(calib: CalibrationSet, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -302,12 +333,18 @@ def make_plan(model: LayerwiseModel, options: CompressionOptions,
         max_rank, step = dims.hidden, RANK_MULTIPLE
     else:
         max_rank, step = min(dims.hidden, dims.intermediate), options.baseline_rank_step
+    candidates = shape_levels(hidden=dims.hidden, intermediate=dims.intermediate, rank_step=step,
+                              max_rank=max_rank, intermediate_step=INTERMEDIATE_MULTIPLE,
+                              min_intermediate_fraction=options.effective_min_intermediate_fraction)
+
+    def layer_params(shape: LayerShape) -> int:
+        return decomposed_layer_params(_counting_spec(options, dims, shape), dims)
+
+    dense = dense_layer_params(dims)
     return plan_decomposition(
-        scores, options.ratio, dense_layer=dense_layer_params(dims),
-        decomposed_layer=lambda r: decomposed_layer_params(_spec(options, dims, r), dims),
-        max_rank=max_rank, rank_step=step, tolerance=options.ratio_tolerance,
-        min_rank_fraction=options.min_rank_fraction,
-        decompose_all=options.effective_selection == "all")
+        scores, options.ratio, dense_layer=dense, levels=monotone_levels(candidates, layer_params, dense),
+        layer_params=layer_params, tolerance=options.ratio_tolerance,
+        min_kept_fraction=options.min_kept_fraction, decompose_all=options.effective_selection == "all")
 
 
 # ------------------------------------------------------------------------------------------ stage 4
@@ -434,27 +471,37 @@ def _shared_error_parts(fit: dec.InputFit, down_weight: torch.Tensor, mid_gram: 
             "down": dec.whitened_error(down_weight, basis_out @ factors.down.double(), mid_gram)}
 
 
-def _shared_basis_layer(model: LayerwiseModel, index: int, layer, stats: ExpertStatistics, rank: int,
-                        options: CompressionOptions, sensitivity: float | None, write_back: bool,
-                        emit: _TensorSink) -> DecomposedLayer:
-    """Shared bases, then expert by expert (one expert's Grams alive at a time): fit, error terms, and,
-    with `write_back`, the reconstruction written into `layer` in place of the dense expert. Under
-    U-trimming a group's kept experts go first, so each trimmed expert meets the kept ones it chooses
-    from (Eq. 7-8)."""
+def _shared_basis_layer(model: LayerwiseModel, index: int, layer, stats: ExpertStatistics,
+                        shape: LayerShape, options: CompressionOptions, sensitivity: float | None,
+                        write_back: bool, emit: _TensorSink) -> DecomposedLayer:
+    """Neuron selection (when the shape keeps fewer than I neurons, offline/slimming.py), shared bases,
+    then expert by expert (one expert's Grams alive at a time): fit, error terms, and, with `write_back`,
+    the reconstruction written into `layer` in place of the dense expert. Under U-trimming a group's kept
+    experts go first, so each trimmed expert meets the kept ones it chooses from (Eq. 7-8)."""
     dims, num_experts, inter = model.dims, model.dims.num_experts, model.dims.intermediate
     experts = layer_experts(model, layer)
     grams = _regularized_grams(stats, options)
-    basis_in, basis_out = _shared_bases(model, index, experts, stats, grams, rank, options)
-    # the stored (rounded) bases are what the server multiplies with: fit the factors against them
+    neurons = [torch.arange(inter)] * num_experts
+    slimming_error = None
+    if shape.intermediate < inter:  # rewrites the layer's experts in place; the stages below fit those
+        slimming = slim_experts_in_place(experts.gate, experts.up, experts.down, grams.mid, shape.intermediate)
+        neurons, slimming_error = slimming.kept, slimming.error
+        logger.info("layer %d: kept %d of %d neurons per expert, relative down error %.4g",
+                    index, shape.intermediate, inter, slimming_error)
     model_dtype = torch_dtype(model.expert_dtype())
     basis_dtype_name = options.basis_dtype_for(model_dtype)
     basis_dtype = torch_dtype(basis_dtype_name)
-    basis_in = basis_in.to(basis_dtype).double()
-    basis_out = basis_out.to(basis_dtype).double()
     layout = moe_layout(model.model_type)
     prefix = f"model.layers.{index}.{layout.moe_module}"
-    emit(f"{prefix}.moe_svd_in.weight", basis_in.to(basis_dtype))
-    emit(f"{prefix}.moe_svd_out.weight", basis_out.to(basis_dtype))
+    if shape.bases:
+        basis_in, basis_out = _shared_bases(model, index, experts, stats, grams, shape.rank, options)
+        # the stored (rounded) bases are what the server multiplies with: fit the factors against them
+        basis_in = basis_in.to(basis_dtype).double()
+        basis_out = basis_out.to(basis_dtype).double()
+        emit(f"{prefix}.moe_svd_in.weight", basis_in.to(basis_dtype))
+        emit(f"{prefix}.moe_svd_out.weight", basis_out.to(basis_dtype))
+    else:  # r = H without bases: the factors are the (slimmed) expert weights themselves
+        basis_in = basis_out = torch.eye(dims.hidden, dtype=torch.float64)
 
     keep = options.effective_trim_keep
     trimming = keep is not None and keep < min(options.trim_group_size, num_experts)
@@ -481,19 +528,23 @@ def _shared_basis_layer(model: LayerwiseModel, index: int, layer, stats: ExpertS
             errors.add(parts[source[e]])
             if e in kept:
                 factors[e] = own
-                bank = f"{prefix}.experts.{bank_of[e]}"
-                emit(f"{bank}.{layout.gate_proj}.weight", own.gate_up[:inter])
-                emit(f"{bank}.{layout.up_proj}.weight", own.gate_up[inter:])
-                emit(f"{bank}.{layout.down_proj}.weight", own.down)
+                bank, rows = f"{prefix}.experts.{bank_of[e]}", neurons[e]  # only the kept neurons
+                emit(f"{bank}.{layout.gate_proj}.weight", own.gate_up[:inter][rows].contiguous())
+                emit(f"{bank}.{layout.up_proj}.weight", own.gate_up[inter:][rows].contiguous())
+                emit(f"{bank}.{layout.down_proj}.weight", own.down[:, rows].contiguous())
             if write_back:
                 chosen = factors[source[e]]
                 _write_expert(layer, model, e, _reconstruct(chosen.gate_up, basis_in, experts.gate.dtype),
                               _reconstruct(chosen.down, basis_out, experts.gate.dtype, basis_first=True))
             del fit, mid_gram
     bank_map = [bank_of[source[e]] for e in range(num_experts)]
-    spec = LayerSpec(form="shared_basis", rank=rank, num_experts=num_experts, bank_map=bank_map,
-                     basis_dtype=basis_dtype_name, sensitivity=sensitivity)
-    return DecomposedLayer(spec, emit.written, errors.relative())
+    spec = LayerSpec(form="shared_basis", rank=shape.rank, num_experts=num_experts, bank_map=bank_map,
+                     basis_dtype=basis_dtype_name, sensitivity=sensitivity,
+                     intermediate=shape.intermediate if shape.intermediate < inter else None, bases=shape.bases)
+    relative = errors.relative()
+    if slimming_error is not None:
+        relative["slimming"] = slimming_error
+    return DecomposedLayer(spec, emit.written, relative)
 
 
 def _per_expert_layer(model: LayerwiseModel, index: int, layer, stats: ExpertStatistics, rank: int,
@@ -532,14 +583,18 @@ def _per_expert_layer(model: LayerwiseModel, index: int, layer, stats: ExpertSta
     return DecomposedLayer(spec, emit.written, errors.relative())
 
 
-def decompose_layer(model: LayerwiseModel, index: int, layer, stats: ExpertStatistics, rank: int,
+def decompose_layer(model: LayerwiseModel, index: int, layer, stats: ExpertStatistics, shape: LayerShape,
                     options: CompressionOptions, sensitivity: float | None,
                     add: Callable[[str, torch.Tensor], None], write_back: bool = False) -> DecomposedLayer:
     """Decompose the routed experts of the built `layer` (its weights are the dense ones), handing each
     written tensor to `add` as soon as it exists. With `write_back` each expert's weights in `layer` are
     replaced by what the compressed checkpoint computes (propagate="compressed"), after its Grams."""
-    build = _shared_basis_layer if options.form == "shared_basis" else _per_expert_layer
-    result = build(model, index, layer, stats, rank, options, sensitivity, write_back, _TensorSink(add))
+    sink = _TensorSink(add)
+    if options.form == "shared_basis":
+        result = _shared_basis_layer(model, index, layer, stats, shape, options, sensitivity, write_back, sink)
+    else:
+        result = _per_expert_layer(model, index, layer, stats, shape.rank, options, sensitivity, write_back,
+                                   sink)
     expected = expected_layer_tensors(model.model_type, index, result.spec, model.dims, model.expert_dtype())
     got = result.written
     if got != expected:  # a bug in this module, never a user error
@@ -572,8 +627,9 @@ def compress(model_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
             sensitivity = sensitivity_pass(model, calib, options)
     with clock.stage("plan"):
         plan = make_plan(model, options, sensitivity)
-    logger.info("plan: decompose layers %s at ranks %s -> ratio %.4f (target %.4f)",
-                list(plan.ranks), list(plan.ranks.values()), plan.ratio, options.ratio)
+    logger.info("plan: decompose layers %s at (rank, neurons) %s -> ratio %.4f (target %.4f)",
+                list(plan.shapes), [(x.rank, x.intermediate) for x in plan.shapes.values()], plan.ratio,
+                options.ratio)
     with atomic_checkpoint_dir(out_dir, force=options.force) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=options.max_shard_bytes)
         with clock.stage("decomposition pass"):
@@ -619,7 +675,7 @@ def _decomposition_pass(model: LayerwiseModel, calib: CalibrationSet, options: C
         write_back = options.propagate == "compressed" and index < last_needed
         replaced = set(expert_tensor_names(model.tensors, model.model_type, index, model.dims.num_experts))
         _copy_layer(model, writer, index, replaced)
-        result = decompose_layer(model, index, layer, stats, plan.ranks[index], options, score, writer.add,
+        result = decompose_layer(model, index, layer, stats, plan.shapes[index], options, score, writer.add,
                                  write_back)
         del stats  # the routed inputs
         logger.info("layer %d: rank %d, banks %d, relative errors %s", index, result.spec.rank,
@@ -640,6 +696,8 @@ def _layer_report(index: int, score: float | None, sensitivity: dict[int, LayerS
     return LayerReport(
         layer=index, sensitivity=score, decomposed=result is not None,
         rank=result.spec.rank if result else None,
+        intermediate=result.spec.kept_intermediate(dims) if result else None,
+        bases=result.spec.bases if result else None,
         num_banks=result.spec.num_banks if result else None,
         bank_map=result.spec.bank_map if result else None,
         routing_frequency=s.frequency.tolist() if s else None,
@@ -681,5 +739,6 @@ def _summary(model: LayerwiseModel, options: CompressionOptions, plan: Plan, blo
         "expert_params_dense": block.params.expert_dense,
         "expert_params_compressed": block.params.expert_compressed,
         "decomposed_layers": block.decomposed_layers, "ranks": {str(k): v for k, v in plan.ranks.items()},
+        "intermediate": {str(k): s.intermediate for k, s in plan.shapes.items()},
         "calibration": dataclasses.asdict(calib.info), "options": options.recorded(),
     }

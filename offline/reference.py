@@ -381,11 +381,23 @@ def _parameter_names_of(model: nn.Module, modules: list[nn.Module]) -> set[str]:
 # Debugging helpers
 
 
+def _pad_neurons(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, intermediate: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gate/up [E, I', H] and down [E, H, I'] padded with zero neurons to I."""
+    missing = intermediate - gate.shape[1]
+    if missing == 0:
+        return gate, up, down
+    rows = gate.new_zeros(gate.shape[0], missing, gate.shape[2])
+    columns = down.new_zeros(down.shape[0], down.shape[1], missing)
+    return torch.cat([gate, rows], 1), torch.cat([up, rows], 1), torch.cat([down, columns], 2)
+
+
 def expand_to_dense_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The dense checkpoint (Hub names, float32 experts) that computes exactly what `model_dir` computes.
 
     Decomposed experts become W_gate = gate_k A, W_up = up_k A, W_down = B down_k (shared_basis) or
-    lora_b lora_a (per_expert); every other tensor is copied. Load it into the original architecture to
+    lora_b lora_a (per_expert); every other tensor is copied. Experts that keep I' < I neurons get I - I'
+    zero neurons appended (zero gate/up rows and down columns contribute nothing: exactly equivalent). Load it into the original architecture to
     compare a compressed checkpoint with plain transformers.
     """
     block = read_moe_svd_config(model_dir)
@@ -402,7 +414,7 @@ def expand_to_dense_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.
         experts, names = _build_compressed_experts(tensors, model_type, layer_index, spec, dims,
                                                    nn.SiLU(), torch.float64)
         consumed.update(names)
-        gate, up, down = experts.dense_weights()
+        gate, up, down = _pad_neurons(*experts.dense_weights(), dims.intermediate)
         for expert in range(dims.num_experts):
             gate_name, up_name, down_name = per_expert_names(model_type, layer_index, expert)
             out[gate_name] = gate[expert].float()

@@ -65,12 +65,15 @@ class LayerReport:
     sensitivity: float | None
     decomposed: bool
     rank: int | None = None
+    intermediate: int | None = None  # intermediate neurons kept per expert
+    bases: bool | None = None  # shared bases stored (False: neuron selection only, r = H)
     num_banks: int | None = None
     bank_map: list[int] | None = None
     routing_frequency: list[float] | None = None
     principal_rank: list[float] | None = None
     outlier_ratio: list[float] | None = None
     relative_error: dict[str, float] | None = None  # projection -> ||(W-W')X|| ^2 / ||W X||^2
+    # ("slimming": the down error of the neuron selection alone, with compensation)
     params_dense: int = 0
     params_compressed: int = 0
 
@@ -93,13 +96,15 @@ def _markdown(summary: dict[str, Any], layers: list[LayerReport], stages: list[S
                 "expert_params_compressed", "decomposed_layers", "calibration"):
         lines.append(f"- **{key}**: {summary.get(key)}")
     lines += ["", "## Layers", "",
-              "| layer | S_L | decomposed | rank | banks | err gate | err up | err down | params |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| layer | S_L | decomposed | rank | neurons | bases | banks | err gate | err up | err down "
+              "| err slimming | params |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in layers:
         err = x.relative_error or {}
         lines.append(f"| {x.layer} | {_fmt(x.sensitivity)} | {'yes' if x.decomposed else 'no'} | "
-                     f"{x.rank or '-'} | {x.num_banks or '-'} | {_fmt(err.get('gate'))} | "
-                     f"{_fmt(err.get('up'))} | {_fmt(err.get('down'))} | "
+                     f"{x.rank or '-'} | {x.intermediate or '-'} | {_fmt(x.bases, '')} | "
+                     f"{x.num_banks or '-'} | {_fmt(err.get('gate'))} | "
+                     f"{_fmt(err.get('up'))} | {_fmt(err.get('down'))} | {_fmt(err.get('slimming'))} | "
                      f"{x.params_compressed}/{x.params_dense} |")
     lines += ["", "Errors are relative activation-weighted errors ||(W - W')X^T||^2 / ||W X^T||^2 on the "
               "calibration inputs of each expert, summed over experts.", "", "## Stages", "",
