@@ -96,10 +96,11 @@ def test_wrong_basis_is_detected(full_rank_scores, plugin_checkpoint):
 
 # ----------------------------------------------------------- checkpoints written by `moesvd compress`
 
-# qwen3_moe: the paper's method (U-trimming: 2 banks of factors per layer); mixtral: the default stacked
-# method (low rank, r = 32 < H = 128, no banks). Ratios chosen among those the tiny fixtures can reach.
+# qwen3_moe: the paper's method with neuron selection (U-trimming into 2 banks, 64 of 128 neurons kept,
+# rank 32 < H = 128 with bases); mixtral: the default (neuron selection only: 80-88 of 128 neurons, no
+# bases, sizes that are multiples of 8 but not of 16). Ratios chosen among those the fixtures can reach.
 COMPRESS_OPTIONS = {
-    "qwen3_moe": dict(method="moe-svd", ratio=0.5, ratio_tolerance=0.05),
+    "qwen3_moe": dict(method="moe-svd", ratio=0.5, ratio_tolerance=0.05, min_intermediate_fraction=0.5),
     "mixtral": dict(method="moe-svd-stacked", ratio=0.35, ratio_tolerance=0.05),
 }
 
@@ -144,16 +145,18 @@ def test_compressed_qwen3_moe_matches_reference(compressed_qwen_server):
     config = read_moe_svd_config(model_dir)
     assert any(spec.num_banks < spec.num_experts for spec in config.layers.values()), \
         "the moe-svd method should have trimmed experts into banks"
+    assert all(spec.intermediate == 64 and spec.bases and spec.rank < 128 for spec in config.layers.values())
     difference = _compare_with_reference(model_dir, server)
     logger.info("compressed qwen3_moe: plugin vs reference max |logprob diff| %.2e", difference)
     assert difference <= REFERENCE_TOLERANCE
 
 
-@pytest.mark.slow  # Mixtral's serving exactness is covered by the full-rank pair; this adds a server
 def test_compressed_mixtral_matches_reference(compressed_by_moesvd):
+    """The default method's layers without bases (plain fused MoE with fewer neurons) served exactly."""
     model_dir = compressed_by_moesvd("mixtral")
     config = read_moe_svd_config(model_dir)
-    assert all(spec.rank < 128 for spec in config.layers.values()), "expected a low-rank checkpoint"
+    assert all(not spec.bases and spec.intermediate < 128 for spec in config.layers.values())
+    assert any(spec.intermediate % 16 for spec in config.layers.values())
     with _serve(model_dir) as server:
         difference = _compare_with_reference(model_dir, server)
     logger.info("compressed mixtral: plugin vs reference max |logprob diff| %.2e", difference)
