@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 # (label, method, extra options)
 VARIANTS: list[tuple[str, str, dict]] = [
     ("moe-svd-stacked (ours, default)", "moe-svd-stacked", {}),
+    ("moe-svd-stacked, rank only (ablation: no neuron selection)", "moe-svd-stacked",
+     {"min_intermediate_fraction": 1.0}),
+    ("moe-svd-stacked, neuron selection only (ablation: no rank reduction)", "moe-svd-stacked",
+     {"min_intermediate_fraction": 0.125}),
     ("moe-svd (paper: top-expert basis + U-trimming)", "moe-svd", {}),
     ("moe-svd, top-expert basis, no trimming (ablation)", "moe-svd", {"trim_keep": 8}),
     ("svd (plain, per expert, all layers)", "svd", {}),
