@@ -23,8 +23,8 @@ def test_demo_compresses_serves_compares_and_reads_tokens_per_second(tmp_path):
     compressed_dir = Path(summary["compression"]["dir"])
     block = read_moe_svd_config(compressed_dir)
     assert block is not None and block.decomposed_layers
-    # The demo asks for 40 % and accepts the nearest reachable ratio within 2 points.
-    assert abs(block.params.ratio - 0.4) <= 0.02
+    # The demo asks for 40 % (the default method reaches it within 1 point on the bundled model).
+    assert abs(block.params.ratio - 0.4) <= 0.01
     assert abs(summary["compression"]["achieved_ratio"] - block.params.ratio) < 1e-6
 
     completions = summary["completions"]
