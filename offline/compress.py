@@ -415,7 +415,8 @@ class _ErrorSums:
             self.sums[name][1] += den
 
     def relative(self) -> dict[str, float]:
-        return {name: num / den if den > 0 else 0.0 for name, (num, den) in self.sums.items()}
+        # the fit's error terms can round a zero error to about -1e-17: clamp at zero
+        return {name: max(num, 0.0) / den if den > 0 else 0.0 for name, (num, den) in self.sums.items()}
 
 
 def _write_expert(layer, model: LayerwiseModel, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:

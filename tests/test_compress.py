@@ -188,6 +188,16 @@ def test_bad_ratio_is_rejected(tiny_model_dir, tmp_path, ratio, message):
     _assert_nothing_left(tmp_path, before)
 
 
+def test_calibration_dataset_name_without_datasets_or_network_is_a_clear_error(tiny_model_dir, tmp_path):
+    """Neither a file nor a directory: read as a `datasets` name, which needs the package and network;
+    without them the error says so and suggests a local file."""
+    before = _entries(tmp_path)
+    with pytest.raises(CalibrationError, match=r"(datasets. package is not installed|could not load dataset)"
+                                               r".*(local text file|\.txt/\.jsonl file)"):
+        compress(tiny_model_dir("qwen3_moe"), tmp_path / "out", _options(calib="wikitext:wikitext-2-raw-v1"))
+    _assert_nothing_left(tmp_path, before)
+
+
 def test_calibration_text_shorter_than_one_sample_is_rejected(tiny_model_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("In the beginning.")
