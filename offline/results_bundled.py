@@ -95,6 +95,7 @@ def run_all(model_dir: Path, work: Path, ratios: list[float], calib: str, test_t
                          "achieved_ratio": achieved, "ppl": result.ppl, "tokens": result.tokens,
                          "expert_params": block["params"]["expert_compressed"],
                          "ranks": {k: v["rank"] for k, v in block["layers"].items()},
+                         "neurons": {k: v.get("intermediate") for k, v in block["layers"].items()},
                          "banks": {k: max(v["bank_map"]) + 1 for k, v in block["layers"].items()},
                          "stages": _stages(out)})
             logger.info("%s @ %.3f: ppl %.3f", label, achieved, result.ppl)
