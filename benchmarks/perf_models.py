@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moesvd_vllm.schema import (
+    INTERMEDIATE_MULTIPLE,
     RANK_MULTIPLE,
+    LayerSpec,
     MoEDims,
     dense_layer_params,
     moe_dims,
@@ -54,6 +56,16 @@ class CompressSpec:
     seq_len: int = 128
     ratio_tolerance: float = 0.01  # tiny models: ranks in steps of 32 cannot hit every ratio
     calib: str = str(DEFAULT_CALIBRATION)
+
+
+@dataclass(frozen=True)
+class SyntheticShape:
+    """Shape of every layer of a synthetic compressed model: rank r, kept intermediate neurons I'
+    (None: all I), shared bases or none (neuron selection alone: r = H, no bases)."""
+
+    rank: int
+    intermediate: int | None = None
+    bases: bool = True
 
 
 @dataclass
@@ -115,6 +127,20 @@ def expected_rank(dims: MoEDims, ratio: float) -> int:
     kept = (1.0 - ratio) * dense_layer_params(dims)
     per_rank = 2 * dims.hidden + 3 * dims.num_experts * dims.intermediate
     return max(RANK_MULTIPLE, int(round(kept / per_rank / RANK_MULTIPLE)) * RANK_MULTIPLE)
+
+
+def expected_intermediate(dims: MoEDims, ratio: float) -> int:
+    """Kept intermediate neurons per expert that remove `ratio` of the expert parameters at full rank
+    without bases (E 3 I' H = (1 - ratio) E 3 I H): the multiple of 8 nearest to (1 - ratio) I."""
+    kept = (1.0 - ratio) * dims.intermediate / INTERMEDIATE_MULTIPLE
+    return min(dims.intermediate, max(INTERMEDIATE_MULTIPLE, int(round(kept)) * INTERMEDIATE_MULTIPLE))
+
+
+def synthetic_shape(dims: MoEDims, ratio: float, *, neurons: bool) -> SyntheticShape:
+    """Rank reduction (uniform rank, all neurons, bases) or neuron selection (I', r = H, no bases)."""
+    if neurons:
+        return SyntheticShape(rank=dims.hidden, intermediate=expected_intermediate(dims, ratio), bases=False)
+    return SyntheticShape(rank=expected_rank(dims, ratio))
 
 
 def _compress_command(dense_dir: Path, out_dir: Path, spec: CompressSpec) -> list[str]:
@@ -192,20 +218,28 @@ def compress_model(dense_dir: Path, out_dir: Path, spec: CompressSpec, *, reuse:
     return out_dir, cost
 
 
-def synthetic_compressed_model(dense_dir: Path, out_dir: Path, ratio: float, basis_dtype: str, seed: int
-                               ) -> Path:
-    """Random factors at the uniform rank for `ratio` (speed only; benchmarks/synthetic_compressed.py)."""
+def synthetic_compressed_model(dense_dir: Path, out_dir: Path, ratio: float, basis_dtype: str, seed: int, *,
+                               neurons: bool = False) -> Path:
+    """Random factors removing `ratio` of the expert parameters (speed only;
+    benchmarks/synthetic_compressed.py): by a uniform rank, or by neuron selection (`neurons`)."""
     from benchmarks.synthetic_compressed import write_synthetic_compressed
 
-    rank = expected_rank(dense_dims(dense_dir), ratio)
-    spec = {"synthetic": True, "rank": rank, "basis_dtype": basis_dtype, "seed": seed}
+    shape = synthetic_shape(dense_dims(dense_dir), ratio, neurons=neurons)
+    spec = {"synthetic": True, **asdict(shape), "basis_dtype": basis_dtype, "seed": seed}
     marker = out_dir / _BUILD_MARKER
     if _read_json(marker) == spec and (out_dir / "config.json").exists():
         logger.info("reusing synthetic compressed model %s", out_dir)
         return out_dir
-    write_synthetic_compressed(dense_dir, out_dir, rank, basis_dtype=basis_dtype, seed=seed)
+    write_synthetic_compressed(dense_dir, out_dir, shape.rank, intermediate=shape.intermediate, bases=shape.bases,
+                               basis_dtype=basis_dtype, seed=seed)
     marker.write_text(json.dumps(spec, indent=1))
     return out_dir
+
+
+def layer_specs(model_dir: Path) -> dict[str, LayerSpec]:
+    """The checkpoint's decomposed layers (layer index -> LayerSpec); empty for a dense checkpoint."""
+    block = read_moe_svd_config(model_dir)
+    return {} if block is None else dict(block.layers)
 
 
 def promised_params(model_dir: Path) -> dict:

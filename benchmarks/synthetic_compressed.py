@@ -3,8 +3,10 @@
 The serving cost of a decomposed layer depends on its shapes (rank r, banks, dtypes), never on the
 values, so a benchmark can skip calibration and decomposition: this writer takes a dense checkpoint,
 keeps every non-expert tensor (attention, norms, router, embeddings), and replaces each MoE layer's
-experts by random tensors with the schema's names and shapes at a uniform rank (moesvd_vllm/schema.py):
-bases A [r, H] and B [H, r] with orthonormal rows/columns, factors ~ N(0, std). The `moe_svd` block is
+experts by random tensors with the schema's names and shapes at a uniform rank r and kept intermediate
+size I' (moesvd_vllm/schema.py): bases A [r, H] and B [H, r] with orthonormal rows/columns, factors
+~ N(0, std). With `bases=False` (format v2, only at r = H) the layer has no bases: a neuron-selection
+layer, i.e. a plain fused MoE with intermediate size I'. The `moe_svd` block is
 a real one (method "synthetic-random", ParamCounts from the schema's counting), so the plugin loads
 and validates it like any compressor output. Its outputs are meaningless text.
 
@@ -85,17 +87,29 @@ def _copy_group(names: list[str], source: dict[str, Path]) -> dict[str, torch.Te
     return out
 
 
-def write_synthetic_compressed(dense_dir: Path, out_dir: Path, rank: int, *, basis_dtype: str = "bfloat16",
-                               seed: int = 0, std: float = 0.02) -> Path:
-    """Write `out_dir`: `dense_dir` with every MoE layer replaced by random rank-`rank` factors."""
+def synthetic_layer_spec(dims, rank: int, *, intermediate: int | None = None, bases: bool = True,
+                         basis_dtype: str = "bfloat16") -> LayerSpec:
+    """The uniform LayerSpec of every synthetic layer (one bank per expert); validated against `dims`."""
+    spec = LayerSpec(form="shared_basis", rank=rank, num_experts=dims.num_experts,
+                     bank_map=list(range(dims.num_experts)), basis_dtype=basis_dtype,
+                     intermediate=None if intermediate == dims.intermediate else intermediate, bases=bases)
+    spec.validate("synthetic layer")
+    spec.validate_dims(dims, "synthetic layer")
+    return spec
+
+
+def write_synthetic_compressed(dense_dir: Path, out_dir: Path, rank: int, *, intermediate: int | None = None,
+                               bases: bool = True, basis_dtype: str = "bfloat16", seed: int = 0,
+                               std: float = 0.02) -> Path:
+    """Write `out_dir`: `dense_dir` with every MoE layer replaced by random factors of rank `rank` and
+    `intermediate` kept neurons per expert (None: all); `bases=False` needs rank == hidden size."""
     started = time.monotonic()
     config = json.loads((dense_dir / "config.json").read_text())
     model_type = config["model_type"]
     dims = moe_dims(config)
     layout = moe_layout(model_type)
     model_dtype = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
-    spec = LayerSpec(form="shared_basis", rank=rank, num_experts=dims.num_experts,
-                     bank_map=list(range(dims.num_experts)), basis_dtype=basis_dtype)
+    spec = synthetic_layer_spec(dims, rank, intermediate=intermediate, bases=bases, basis_dtype=basis_dtype)
     layers = moe_layer_indices(config)
     source = _source_tensors(dense_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,12 +140,14 @@ def write_synthetic_compressed(dense_dir: Path, out_dir: Path, rank: int, *, bas
                          layers={str(layer): spec for layer in layers},
                          params=ParamCounts(expert_dense=dense_params,
                                             expert_compressed=decomposed_layer_params(spec, dims) * len(layers)),
-                         options={"rank": rank, "seed": seed, "std": std, "note": "random factors: speed only"})
+                         options={"rank": rank, "intermediate": spec.kept_intermediate(dims), "bases": bases,
+                                  "seed": seed, "std": std, "note": "random factors: speed only"})
     MoESVDConfig.from_dict(json.loads(json.dumps(block.to_dict())))  # what the plugin will read
     config["architectures"] = [PLUGIN_ARCHITECTURES[a] for a in config.get("architectures") or []]
     config[CONFIG_KEY] = block.to_dict()
     write_config(out_dir, config)
     copy_side_files(dense_dir, out_dir)
-    logger.info("wrote synthetic compressed checkpoint %s (rank %d, ratio %.3f) in %.0f s", out_dir, rank,
-                block.params.ratio, time.monotonic() - started)
+    logger.info("wrote synthetic compressed checkpoint %s (rank %d, intermediate %d, bases %s, ratio %.3f) "
+                "in %.0f s", out_dir, rank, spec.kept_intermediate(dims), bases, block.params.ratio,
+                time.monotonic() - started)
     return out_dir
