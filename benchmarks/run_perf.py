@@ -1,6 +1,7 @@
 """Performance benchmark: does the compressed model serve faster than the dense one in vLLM?
 
     .venv/bin/python benchmarks/run_perf.py --shape qwen3-30b-a3b --layers 4 --ratios 0.2,0.4,0.6 --out DIR
+    .venv/bin/python benchmarks/run_perf.py --ratios 0.4 --neuron-ratios 0.4 --no-served --out DIR
     .venv/bin/python benchmarks/run_perf.py --tiny --out DIR          # CI: tiny model, 1 layer, seconds
 
 Steps, all in one run:
@@ -10,6 +11,8 @@ Steps, all in one run:
    compressor's RAM would not fit several 128-expert layers on a small machine), and one real
    `moesvd compress` run on a 1-layer model of the same shape for the compression cost (wall time,
    peak RSS); `--compressor moesvd` compresses every ratio with the real compressor instead;
+   `--neuron-ratios` adds neuron-selection models (format v2: I' = the multiple of 8 nearest
+   (1 - ratio) I neurons per expert, r = H, no bases; always synthetic), labelled "RATIO-neurons";
 3. offline, in-process vLLM engines, the dense one and one compressed one alive together, measured in
    alternating order: output tok/s at batch 1/8/32, MoE-block time at 1/32/512 tokens inside the worker
    (benchmarks/perf_worker.py), resident expert weights vs the checkpoint's ParamCounts, a torch
@@ -48,13 +51,17 @@ logger = logging.getLogger("benchmarks.run_perf")
 
 @dataclass(frozen=True)
 class Variant:
-    """One compressed model: a ratio and the dtype of its shared bases."""
+    """One compressed model: a ratio, the dtype of its shared bases, and how the ratio is reached (a lower
+    rank, or `neurons`: fewer intermediate neurons at full rank without bases)."""
 
     ratio: float
     basis_dtype: str
+    neurons: bool = False
 
     @property
     def label(self) -> str:
+        if self.neurons:
+            return f"{self.ratio:g}-neurons"
         return f"{self.ratio:g}" if self.basis_dtype == "bfloat16" else f"{self.ratio:g}-{self.basis_dtype}"
 
 
@@ -75,6 +82,7 @@ class PerfOptions:
     basis_dtype: str = "bfloat16"
     extra_basis_dtype: str | None = None  # also measure these ratios with bases in this dtype ...
     extra_basis_ratios: tuple[float, ...] = ()  # ... (e.g. float32 at 0.4)
+    neuron_ratios: tuple[float, ...] = ()  # also neuron-selection models (I' < I, r = H, no bases) at these
     compress_samples: int = 16
     compress_seq_len: int = 128
     ratio_tolerance: float = 0.01
@@ -94,6 +102,7 @@ def variants(options: PerfOptions) -> list[Variant]:
     out = [Variant(ratio, options.basis_dtype) for ratio in options.ratios]
     if options.extra_basis_dtype:
         out += [Variant(ratio, options.extra_basis_dtype) for ratio in options.extra_basis_ratios]
+    out += [Variant(ratio, options.basis_dtype, neurons=True) for ratio in options.neuron_ratios]
     return out
 
 
@@ -103,9 +112,9 @@ def build_models(options: PerfOptions) -> tuple[Path, dict[Variant, Path], list[
     compressed, costs = {}, []
     for variant in variants(options):
         target = models_dir / f"compressed-{variant.label}"
-        if options.compressor == "synthetic":
+        if options.compressor == "synthetic" or variant.neurons:  # the compressor picks its own shapes
             compressed[variant] = perf_models.synthetic_compressed_model(
-                dense, target, variant.ratio, variant.basis_dtype, options.model.seed)
+                dense, target, variant.ratio, variant.basis_dtype, options.model.seed, neurons=variant.neurons)
             continue
         path, cost = perf_models.compress_model(dense, target, _compress_spec(options, variant),
                                                 reuse=options.reuse_models)
@@ -155,6 +164,7 @@ def run_offline(dense_dir: Path, compressed: dict[Variant, Path], options: Offli
                 perf_offline.alternate(engines, options)
                 perf_offline.describe(llm, engines[name][1], options)
                 pairs.append({"variant": variant.label, "ratio": variant.ratio, "basis_dtype": variant.basis_dtype,
+                              "neurons": variant.neurons,
                               "dense": dataclasses.asdict(engines["dense"][1]),
                               "compressed": dataclasses.asdict(engines[name][1])})
             finally:
@@ -183,9 +193,9 @@ def run_served(dense_dir: Path, compressed: dict[Variant, Path], options: Served
     results = []
     with server(dense_dir, "dense") as dense_server:
         for variant, path in compressed.items():
-            if variant.ratio not in options.ratios or variant.basis_dtype != "bfloat16" and any(
+            if variant.neurons or variant.ratio not in options.ratios or variant.basis_dtype != "bfloat16" and any(
                     v.ratio == variant.ratio and v.basis_dtype == "bfloat16" for v in compressed):
-                continue  # one served A/B per ratio (the default bases)
+                continue  # one served A/B per ratio (rank reduction, the default bases)
             ratio, name = variant.ratio, f"compressed-{variant.label}"
             with server(path, name) as compressed_server:
                 report = run_ab(ABOptions(
@@ -202,15 +212,20 @@ def run_served(dense_dir: Path, compressed: dict[Variant, Path], options: Served
 # ---------------------------------------------------------------- summary
 
 
-def _weights_summary(engine: dict, promised: dict, compressed: bool) -> dict:
+def _weights_summary(engine: dict, promised: dict, compressed: bool,
+                     geometry: perf_report.ModelGeometry | None = None) -> dict:
+    """Resident expert parameters vs the checkpoint's ParamCounts (the schema's decomposed_layer_params),
+    and vs the same count with I' padded as vLLM's kernel holds it (`geometry`)."""
     resident = engine["weights"]["expert_params"]
     target = promised["expert_compressed"] if compressed else promised["expert_dense"]
+    padded = target if geometry is None else geometry.padded().compressed_params()
     return {"promised": target, "resident": resident, "deviation": resident / target - 1.0,
+            "padded_expected": padded, "deviation_from_padded": resident / padded - 1.0,
             "resident_bytes": engine["weights"]["expert_bytes"],
             "worker_rss_bytes": engine["weights"]["worker_rss_bytes"]}
 
 
-def _pair_rows(pair: dict, geometry: perf_report.LayerGeometry, served: dict | None,
+def _pair_rows(pair: dict, geometry: perf_report.ModelGeometry, served: dict | None,
                offline: OfflineOptions) -> list[dict]:
     dense, comp = pair["dense"], pair["compressed"]
     rows = []
@@ -245,14 +260,18 @@ def summarize(dense_dir: Path, compressed: dict[Variant, Path], offline: dict, s
     served_by_variant = {s["variant"]: s for s in served}
     paths = {variant.label: path for variant, path in compressed.items()}
     for pair in offline["pairs"]:
-        promised = perf_models.promised_params(paths[pair["variant"]])
-        rank = max(promised["ranks"].values())
-        basis_bytes = 4.0 if pair["basis_dtype"] == "float32" else 2.0
-        geometry = perf_report.LayerGeometry(dims, rank, basis_bytes=basis_bytes)
+        path = paths[pair["variant"]]
+        promised = perf_models.promised_params(path)
+        specs = list(perf_models.layer_specs(path).values())
+        geometry = perf_report.ModelGeometry.from_specs(dims, specs)
         summary["pairs"].append({
             "variant": pair["variant"], "ratio": pair["ratio"], "basis_dtype": pair["basis_dtype"],
-            "rank": rank, "achieved_ratio": promised["ratio"], "ideal_bytes_ratio": geometry.bytes_ideal(),
-            "weights": _weights_summary(pair["compressed"], promised, True),
+            "neurons": pair.get("neurons", False), "rank": max(promised["ranks"].values()),
+            "intermediate": max(spec.kept_intermediate(dims) for spec in specs),
+            "bases": any(spec.bases for spec in specs), "shape": perf_report.layer_shape_label(dims, specs),
+            "achieved_ratio": promised["ratio"], "ideal_bytes_ratio": geometry.bytes_ideal(),
+            "padded_ideal_bytes_ratio": geometry.padded().bytes_ideal(),
+            "weights": _weights_summary(pair["compressed"], promised, True, geometry),
             "rows": _pair_rows(pair, geometry, served_by_variant.get(pair["variant"]), options.offline)})
     return summary
 
@@ -300,6 +319,7 @@ def run(options: PerfOptions) -> dict:
               if options.served else [])
     results = {"environment": _environment(), "options": _jsonable(dataclasses.asdict(options)),
                "compression": costs, "offline": offline, "served": served}
+    (options.out / "perf-raw.json").write_text(json.dumps(results, indent=1, default=str))  # kept if summary fails
     results["summary"] = summarize(dense_dir, compressed, offline, served, options)
     results["duration_s"] = time.monotonic() - started
     text = render(results["summary"], results)
@@ -341,6 +361,9 @@ def parse_args(argv: list[str] | None = None) -> PerfOptions:
     parser.add_argument("--extra-basis-dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="also measure --extra-basis-ratios with the shared bases in this dtype")
     parser.add_argument("--extra-basis-ratios", type=_floats, default=())
+    parser.add_argument("--neuron-ratios", type=_floats, default=(),
+                        help="also measure neuron-selection models at these ratios (format v2: I' = the multiple "
+                             "of 8 nearest (1 - ratio) I, r = H, no bases; synthetic), e.g. 0.4,0.6")
     parser.add_argument("--batch-sizes", type=_ints, default=(1, 8, 32))
     parser.add_argument("--block-tokens", type=_ints, default=(1, 32, 512))
     parser.add_argument("--input-len", type=int, default=64)
@@ -366,7 +389,8 @@ def parse_args(argv: list[str] | None = None) -> PerfOptions:
     parser.add_argument("--rebuild", action="store_true", help="rebuild compressed models even if present")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true",
-                        help="CI smoke run: tiny qwen3_moe fixture, 1 layer, ratio 0.4, few prompts")
+                        help="CI smoke run: tiny qwen3_moe fixture, 1 layer, ratio 0.4 (real compressor) and 0.4 "
+                             "by neuron selection (synthetic), few prompts")
     args = parser.parse_args(argv)
     return tiny_options(args) if args.tiny else options_from_args(args)
 
@@ -381,7 +405,8 @@ def options_from_args(args: argparse.Namespace) -> PerfOptions:
         max_tokens=args.output_len)
     return PerfOptions(out=args.out, model=ModelSpec(args.shape, args.layers, args.seed), ratios=args.ratios,
                        basis_dtype=args.basis_dtype, extra_basis_dtype=args.extra_basis_dtype,
-                       extra_basis_ratios=args.extra_basis_ratios, compress_samples=args.compress_samples,
+                       extra_basis_ratios=args.extra_basis_ratios, neuron_ratios=args.neuron_ratios,
+                       compress_samples=args.compress_samples,
                        compress_seq_len=args.compress_seq_len, offline=offline, served=served,
                        reuse_models=not args.rebuild, compressor=args.compressor,
                        cost_ratio=None if args.no_cost else 0.4, cost_layers=args.cost_layers,
@@ -394,7 +419,7 @@ def tiny_options(args: argparse.Namespace) -> PerfOptions:
                              seed=args.seed)
     served = None if args.no_served else ServedOptions(ratios=(0.4,), concurrency=(1, 4), num_prompts=4,
                                                        max_tokens=8, words_per_prompt=8)
-    return PerfOptions(out=args.out, model=ModelSpec("tiny", 1, args.seed), ratios=(0.4,),
+    return PerfOptions(out=args.out, model=ModelSpec("tiny", 1, args.seed), ratios=(0.4,), neuron_ratios=(0.4,),
                        basis_dtype=args.basis_dtype, compress_samples=4, compress_seq_len=32, ratio_tolerance=0.1,
                        offline=offline, served=served, reuse_models=not args.rebuild, compressor="moesvd")
 
