@@ -21,6 +21,7 @@ _HELP = {
     "rank_threshold": "principal rank: singular values above this times the largest",
     "min_kept_fraction": "plan: decompose few layers only while each keeps >= this share of its parameters",
     "min_intermediate_fraction": "keep >= this share of each expert's neurons, then lower the rank (1: rank only)",
+    "intermediate_step": "kept neurons per expert in steps of this (32: no padding in vLLM's x86 kernel; min 8)",
     "ratio_tolerance": "allowed |achieved - requested| ratio",
     "basis_dtype": "dtype of the shared bases: auto (the model's), float32 (AVX2-only CPUs), bfloat16, float16",
     "routing_weighted": "weight each routed token's Gram contribution by its routing weight squared",

@@ -114,6 +114,10 @@ class CompressionOptions:
     # fraction of I, then the rank. None: the method's default (moe-svd-stacked 0.5; the paper's moe-svd
     # and the per-expert baselines 1.0 = rank only).
     min_intermediate_fraction: float | None = None
+    # step of the kept neurons per expert: 32 = the tile of vLLM's x86 fused-MoE kernel, which pads I' up to
+    # a multiple of 32 (resident bytes then equal the checkpoint's count); 8 (the format's minimum) reaches
+    # finer ratios on small models at the cost of that padding when served on x86
+    intermediate_step: int = 32
     ratio_tolerance: float = 0.01  # achieved ratio within this of `ratio`
     # dtype of the shared bases (factors keep the model dtype). "auto" = the model's dtype: bf16 bases run on
     # AMX/AVX512-BF16 CPUs and GPUs natively (measured faster, docs/performance.md); on AVX2-only CPUs,
@@ -160,6 +164,9 @@ class CompressionOptions:
         if fraction is not None and fraction < 1.0 and self.form != "shared_basis":
             raise OptionsError(f"min_intermediate_fraction < 1 (neuron selection) needs a shared-basis method, "
                                f"not {self.method!r}; the per-expert baselines reduce the rank only")
+        if self.intermediate_step < 1 or self.intermediate_step % INTERMEDIATE_MULTIPLE:
+            raise OptionsError(f"intermediate_step must be a positive multiple of {INTERMEDIATE_MULTIPLE} (the "
+                               f"format's granularity), got {self.intermediate_step}")
         if not 0.0 <= self.min_kept_fraction <= 1.0:
             raise OptionsError(f"min_kept_fraction must be in [0, 1], got {self.min_kept_fraction}")
         if self.trim_keep is not None and self.trim_keep < 1:
@@ -334,7 +341,7 @@ def make_plan(model: LayerwiseModel, options: CompressionOptions,
     else:
         max_rank, step = min(dims.hidden, dims.intermediate), options.baseline_rank_step
     candidates = shape_levels(hidden=dims.hidden, intermediate=dims.intermediate, rank_step=step,
-                              max_rank=max_rank, intermediate_step=INTERMEDIATE_MULTIPLE,
+                              max_rank=max_rank, intermediate_step=options.intermediate_step,
                               min_intermediate_fraction=options.effective_min_intermediate_fraction)
 
     def layer_params(shape: LayerShape) -> int:

@@ -29,7 +29,7 @@ from moesvd_vllm.schema import (
 )
 from offline.calibration import CalibrationError
 from offline.checkpoint_io import CheckpointError, OutputExistsError
-from offline.compress import CompressionOptions, compress
+from offline.compress import CompressionOptions, OptionsError, compress
 from offline.decompose import WhiteningError
 from offline.expert_tensors import CheckpointTensors, read_config
 from offline.sensitivity import RatioError
@@ -40,7 +40,8 @@ SMALL = dict(num_samples=8, seq_len=32, batch_size=4)
 
 
 def _options(**kwargs) -> CompressionOptions:
-    return CompressionOptions(**{"ratio": 0.3, "calib": str(CALIB), **SMALL, **kwargs})
+    # kept neurons in steps of 8: the tiny fixtures (I = 128) reach ratios like 0.3 within 1 point
+    return CompressionOptions(**{"ratio": 0.3, "calib": str(CALIB), "intermediate_step": 8, **SMALL, **kwargs})
 
 
 def _entries(directory: Path) -> set[str]:
@@ -125,6 +126,21 @@ def test_compress_writes_a_checkpoint_that_matches_the_schema(tiny_model_dir, tm
             if spec.rank < dims.hidden:
                 assert spec.intermediate == dims.intermediate // 2  # min_intermediate_fraction 0.5
         assert all(x["relative_error"]["slimming"] > 0 for x in errors if x["decomposed"])
+
+
+def test_default_kept_neurons_are_multiples_of_the_x86_kernel_tile(tiny_model_dir, tmp_path):
+    """With the default intermediate_step (32) vLLM's x86 kernel holds exactly what the checkpoint counts."""
+    options = CompressionOptions(ratio=0.5, calib=str(CALIB), **SMALL)
+    out = compress(tiny_model_dir("qwen3_moe"), tmp_path / "out", options)
+    block = read_moe_svd_config(out)
+    assert abs(block.params.ratio - 0.5) <= 0.01
+    assert all(spec.intermediate is not None and spec.intermediate % 32 == 0 for spec in block.layers.values())
+
+
+@pytest.mark.parametrize("step", [0, 12])
+def test_intermediate_step_must_be_a_multiple_of_the_format_granularity(step):
+    with pytest.raises(OptionsError, match="intermediate_step must be a positive multiple of 8"):
+        CompressionOptions(ratio=0.4, calib="x", intermediate_step=step)
 
 
 def test_compressed_checkpoint_runs_in_the_reference_model(tiny_model_dir, tmp_path):
