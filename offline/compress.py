@@ -479,6 +479,11 @@ def _shared_error_parts(fit: dec.InputFit, down_weight: torch.Tensor, mid_gram: 
             "down": dec.whitened_error(down_weight, basis_out @ factors.down.double(), mid_gram)}
 
 
+def _release_heap_every_few_experts(expert: int) -> None:
+    if expert % _TRIM_EVERY_EXPERTS == _TRIM_EVERY_EXPERTS - 1:
+        _release_free_heap()
+
+
 def _shared_basis_layer(model: LayerwiseModel, index: int, layer, stats: ExpertStatistics,
                         shape: LayerShape, options: CompressionOptions, sensitivity: float | None,
                         write_back: bool, emit: _TensorSink) -> DecomposedLayer:
@@ -492,7 +497,8 @@ def _shared_basis_layer(model: LayerwiseModel, index: int, layer, stats: ExpertS
     neurons = [torch.arange(inter)] * num_experts
     slimming_error = None
     if shape.intermediate < inter:  # rewrites the layer's experts in place; the stages below fit those
-        slimming = slim_experts_in_place(experts.gate, experts.up, experts.down, grams.mid, shape.intermediate)
+        slimming = slim_experts_in_place(experts.gate, experts.up, experts.down, grams.mid, shape.intermediate,
+                                         after_expert=_release_heap_every_few_experts)
         neurons, slimming_error = slimming.kept, slimming.error
         logger.info("layer %d: kept %d of %d neurons per expert, relative down error %.4g",
                     index, shape.intermediate, inter, slimming_error)

@@ -104,14 +104,15 @@ class LayerSlimming:
     error: float  # sum_e ||(W_down_e - W'_down_e) Y_e^T||^2 / sum_e ||W_down_e Y_e^T||^2 (whitened, Eq. 11)
 
 
-def slim_experts_in_place(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, mid_gram, keep: int
-                          ) -> LayerSlimming:
+def slim_experts_in_place(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, mid_gram, keep: int,
+                          after_expert=None) -> LayerSlimming:
     """Select `keep` neurons of every expert of a layer and rewrite the weights in place: the dropped rows
     of gate [E, I, H] / up and columns of down [E, H, I] become zero and down gets its compensation, so the
     layer computes what the slimmed checkpoint computes (and the later stages fit the slimmed weights).
 
     `mid_gram(e)` returns expert e's regularised intermediate Gram computed from its current weights; it is
-    called for expert e before e is rewritten (each expert's Gram depends only on its own weights)."""
+    called for expert e before e is rewritten (each expert's Gram depends only on its own weights).
+    `after_expert(e)`, when given, runs after each expert (the compressor returns freed heap to the OS)."""
     kept_all: list[torch.Tensor] = []
     num = den = 0.0
     for e in range(down.shape[0]):
@@ -129,4 +130,6 @@ def slim_experts_in_place(gate: torch.Tensor, up: torch.Tensor, down: torch.Tens
             up[e][dropped] = 0
             down[e].copy_(new_down.to(down.dtype))
         kept_all.append(slim.kept)
+        if after_expert is not None:
+            after_expert(e)
     return LayerSlimming(kept_all, num / den if den > 0 else 0.0)
