@@ -18,6 +18,7 @@ from offline.sensitivity import (
     plan_decomposition,
     shape_levels,
 )
+from tests.support.models import tiny_qwen3_moe_block
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -237,17 +238,7 @@ def test_unreachable_ratio_is_rejected():
 
 
 def _tiny_moe_block():
-    from transformers import AutoConfig
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
-
-    config = AutoConfig.for_model("qwen3_moe", hidden_size=32, moe_intermediate_size=16, num_experts=4,
-                                  num_experts_per_tok=2, num_attention_heads=2, num_key_value_heads=1)
-    torch.manual_seed(0)
-    block = Qwen3MoeSparseMoeBlock(config)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.5)
-    return block
+    return tiny_qwen3_moe_block(32, 16, 4)
 
 
 def _run_stats(block, hidden, mask):

@@ -9,23 +9,13 @@ import torch
 
 from offline import decompose as dec
 from offline.calibration import ExpertStatistics, ExpertStatisticsHook, expert_activations
+from tests.support.models import tiny_qwen3_moe_block
 
 NUM_EXPERTS, HIDDEN, INTERMEDIATE = 6, 32, 16
 
 
 def _tiny_moe_block():
-    from transformers import AutoConfig
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
-
-    config = AutoConfig.for_model("qwen3_moe", hidden_size=HIDDEN, moe_intermediate_size=INTERMEDIATE,
-                                  num_experts=NUM_EXPERTS, num_experts_per_tok=2, num_attention_heads=2,
-                                  num_key_value_heads=1)
-    torch.manual_seed(0)
-    block = Qwen3MoeSparseMoeBlock(config)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.5)
-    return block
+    return tiny_qwen3_moe_block(HIDDEN, INTERMEDIATE, NUM_EXPERTS)
 
 
 def _accumulated_reference(block, batches, routing_weighted: bool):

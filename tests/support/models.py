@@ -27,3 +27,20 @@ def tiny_model_dir(tmp_path_factory) -> Callable[..., Path]:
         return built[key]
 
     return get
+
+
+def tiny_qwen3_moe_block(hidden: int, intermediate: int, num_experts: int, std: float = 0.5):
+    """A transformers Qwen3-MoE sparse block (top-2) with seeded N(0, std) weights, for statistics tests."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    config = AutoConfig.for_model("qwen3_moe", hidden_size=hidden, moe_intermediate_size=intermediate,
+                                  num_experts=num_experts, num_experts_per_tok=2, num_attention_heads=2,
+                                  num_key_value_heads=1)
+    torch.manual_seed(0)
+    block = Qwen3MoeSparseMoeBlock(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, std)
+    return block
