@@ -8,7 +8,7 @@ sharpened fixture of `arch`:
     expanded_dense    the original architecture that full_rank equals exactly (bank experts duplicated)
     transposed_basis  full_rank with layer 0's input basis transposed: a wiring error that loads fine
     missing_tensor    full_rank without one factor of layer 1 (removed from shard and index)
-    wrong_rank        full_rank whose config says rank 160 for layer 2 (the tensors have 128)
+    wrong_rank        full_rank whose config says rank 96 for layer 2 (the tensors have 128)
     unknown_version   full_rank with moe_svd.format_version 99
     truncated_shard   full_rank with its shard cut to 60 % of its bytes
     per_expert        the per_expert (baseline) form, which only the PyTorch reference evaluates
@@ -156,7 +156,7 @@ def _drop_one_factor(tensors: dict) -> None:
 
 
 def _set_rank(config: dict) -> None:
-    config["moe_svd"]["layers"]["2"]["rank"] = 160
+    config["moe_svd"]["layers"]["2"]["rank"] = 96  # valid for the model (<= H), wrong for the tensors
 
 
 def _set_version(config: dict) -> None:
