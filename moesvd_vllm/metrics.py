@@ -6,7 +6,7 @@ vLLM builds `MoESVDStatLogger(vllm_config, engine_index)` in the API-server proc
     moesvd_compression_info{model_name, compressed, method, format_version, original_architecture}  1
     moesvd_expert_parameters{model_name, variant="dense"|"compressed"}   routed-expert parameter counts
     moesvd_expert_compression_ratio{model_name}                         fraction of expert params removed
-    moesvd_decomposed_layers{model_name}                                MoE layers served low-rank
+    moesvd_decomposed_layers{model_name}                                MoE layers served compressed
     moesvd_moe_layers{model_name}                                       MoE layers of the architecture
 
 A dense (or non-MoE) model exports only `moesvd_compression_info{compressed="false", method="none"}`, so a
@@ -92,7 +92,7 @@ class _Collectors:
             "Fraction of routed-expert parameters removed by compression (0..1).", ["model_name"],
             multiprocess_mode="mostrecent")
         self.decomposed_layers = Gauge(
-            f"{PREFIX}decomposed_layers", "MoE layers served as low-rank shared-basis layers.",
+            f"{PREFIX}decomposed_layers", "MoE layers served compressed (fewer neurons and/or low rank).",
             ["model_name"], multiprocess_mode="mostrecent")
         self.moe_layers = Gauge(
             f"{PREFIX}moe_layers", "MoE layers of the architecture.", ["model_name"],

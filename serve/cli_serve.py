@@ -60,7 +60,7 @@ def describe_model(model_dir: Path) -> str:
         raise ValueError(f"{model_dir} is compressed ({architectures}) but VLLM_PLUGINS={allowed!r} "
                          f"excludes the {PLUGIN_NAME!r} plugin; add it or unset VLLM_PLUGINS")
     return (f"compressed checkpoint ({architectures}, method {compression.method}, "
-            f"{len(compression.layers)} low-rank MoE layer(s), "
+            f"{len(compression.layers)} compressed MoE layer(s), "
             f"{100 * compression.params.ratio:.1f}% of expert parameters removed)")
 
 
