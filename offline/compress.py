@@ -405,11 +405,6 @@ class _ExpertGrams:
         return self._regularized(self.stats.mid_gram(expert), self.mid_prior)
 
 
-def _regularized_grams(stats: ExpertStatistics, options: CompressionOptions) -> _ExpertGrams:
-    """Per-expert input / intermediate Grams, each with a small prior from the layer-wide average."""
-    return _ExpertGrams(stats, options)
-
-
 class _ErrorSums:
     """The report's relative_error: sum_e ||(W_e - W'_e) X_e^T||^2 / sum_e ||W_e X_e^T||^2 per projection."""
 
@@ -434,10 +429,12 @@ def _write_expert(layer, model: LayerwiseModel, expert: int, gate_up: torch.Tens
         experts.down_proj.data[expert].copy_(down)
 
 
-def _reconstruct(factor: torch.Tensor, basis: torch.Tensor, dtype: torch.dtype, basis_first: bool = False
-                 ) -> torch.Tensor:
+def _reconstruct(factor: torch.Tensor, basis: torch.Tensor | None, dtype: torch.dtype,
+                 basis_first: bool = False) -> torch.Tensor:
     """factor @ basis (or basis @ factor) in `dtype`: a float32 GEMM of the stored (exact in float32)
-    values unless the layer computes in float64."""
+    values unless the layer computes in float64. No basis (a layer without bases): the factor itself."""
+    if basis is None:
+        return factor.to(dtype)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     f, b = factor.to(work), basis.to(work)
     return (b @ f if basis_first else f @ b).to(dtype)
@@ -470,17 +467,19 @@ def _shared_bases(model: LayerwiseModel, index: int, experts: LayerExperts, stat
 
 
 def _shared_error_parts(fit: dec.InputFit, down_weight: torch.Tensor, mid_gram: torch.Tensor,
-                        factors: _SharedFactors, basis_out: torch.Tensor, inter: int
+                        factors: _SharedFactors, basis_out: torch.Tensor | None, inter: int
                         ) -> dict[str, tuple[float, float]]:
     """Whitened errors of one expert's dense weights against `factors` (its own, or under U-trimming a
     kept expert's): gate and up from the fit's terms, down directly (B D is [H, I])."""
+    down = factors.down.double() if basis_out is None else basis_out @ factors.down.double()
     return {"gate": fit.error(factors.gate_up[:inter], slice(0, inter)),
             "up": fit.error(factors.gate_up[inter:], slice(inter, None)),
-            "down": dec.whitened_error(down_weight, basis_out @ factors.down.double(), mid_gram)}
+            "down": dec.whitened_error(down_weight, down, mid_gram)}
 
 
 def _release_heap_every_few_experts(expert: int) -> None:
-    if expert % _TRIM_EVERY_EXPERTS == _TRIM_EVERY_EXPERTS - 1:
+    """Called once per expert in the per-expert loops (see `_release_free_heap`)."""
+    if expert % _TRIM_EVERY_EXPERTS == 0:
         _release_free_heap()
 
 
@@ -493,7 +492,7 @@ def _shared_basis_layer(model: LayerwiseModel, index: int, layer, stats: ExpertS
     experts go first, so each trimmed expert meets the kept ones it chooses from (Eq. 7-8)."""
     dims, num_experts, inter = model.dims, model.dims.num_experts, model.dims.intermediate
     experts = layer_experts(model, layer)
-    grams = _regularized_grams(stats, options)
+    grams = _ExpertGrams(stats, options)
     neurons = [torch.arange(inter)] * num_experts
     slimming_error = None
     if shape.intermediate < inter:  # rewrites the layer's experts in place; the stages below fit those
@@ -515,7 +514,7 @@ def _shared_basis_layer(model: LayerwiseModel, index: int, layer, stats: ExpertS
         emit(f"{prefix}.moe_svd_in.weight", basis_in.to(basis_dtype))
         emit(f"{prefix}.moe_svd_out.weight", basis_out.to(basis_dtype))
     else:  # r = H without bases: the factors are the (slimmed) expert weights themselves
-        basis_in = basis_out = torch.eye(dims.hidden, dtype=torch.float64)
+        basis_in = basis_out = None
 
     keep = options.effective_trim_keep
     trimming = keep is not None and keep < min(options.trim_group_size, num_experts)
@@ -528,12 +527,13 @@ def _shared_basis_layer(model: LayerwiseModel, index: int, layer, stats: ExpertS
     for group, kept in zip(groups, kept_by_group):
         factors: dict[int, _SharedFactors] = {}  # the group's kept experts
         for e in kept + [e for e in group if e not in kept]:
-            if e % _TRIM_EVERY_EXPERTS == 0:
-                _release_free_heap()
-            fit = dec.fit_input(torch.cat([experts.gate[e], experts.up[e]]), basis_in, grams.input(e))
+            _release_heap_every_few_experts(e)
+            gate_up = torch.cat([experts.gate[e], experts.up[e]])
+            fit = (dec.identity_fit(gate_up, grams.input(e)) if basis_in is None
+                   else dec.fit_input(gate_up, basis_in, grams.input(e)))
             mid_gram = grams.mid(e)
-            own = _SharedFactors(fit.factor.to(model_dtype),
-                                 dec.fit_output_factor(experts.down[e], basis_out).to(model_dtype))
+            down = experts.down[e] if basis_out is None else dec.fit_output_factor(experts.down[e], basis_out)
+            own = _SharedFactors(fit.factor.to(model_dtype), down.to(model_dtype))
             candidates = {e: own} if e in kept else {k: factors[k] for k in kept}
             parts = {k: _shared_error_parts(fit, experts.down[e], mid_gram, f, basis_out, inter)
                      for k, f in candidates.items()}
@@ -566,15 +566,14 @@ def _per_expert_layer(model: LayerwiseModel, index: int, layer, stats: ExpertSta
                       emit: _TensorSink) -> DecomposedLayer:
     dims, where = model.dims, f"layer {index}"
     experts = layer_experts(model, layer)
-    grams = _regularized_grams(stats, options)
+    grams = _ExpertGrams(stats, options)
     whitened = options.method == "whitened-svd"
     layout = moe_layout(model.model_type)
     prefix = f"model.layers.{index}.{layout.moe_module}"
     model_dtype = torch_dtype(model.expert_dtype())
     errors = _ErrorSums()
     for e in range(dims.num_experts):
-        if e % _TRIM_EVERY_EXPERTS == 0:
-            _release_free_heap()
+        _release_heap_every_few_experts(e)
         gram_in, gram_mid = grams.input(e), grams.mid(e)
         s_in = dec.whitening_factor(gram_in, f"{where} expert {e} input") if whitened else None
         s_mid = dec.whitening_factor(gram_mid, f"{where} expert {e} down input") if whitened else None

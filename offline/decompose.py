@@ -231,6 +231,13 @@ def fit_input(weight: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor) -> 
     return InputFit(factor=solved.T, lhs=lhs, rhs=rhs, row_energy=(w * cw.T).sum(dim=1))
 
 
+def identity_fit(weight: torch.Tensor, gram: torch.Tensor) -> InputFit:
+    """`fit_input` with A = I (a layer without bases): G = W exactly, so no H x H products or solve."""
+    w, c = weight.double(), gram.double()
+    cw = c @ w.T
+    return InputFit(factor=w, lhs=c, rhs=cw, row_energy=(w * cw.T).sum(dim=1))
+
+
 def fit_input_factor(weight: torch.Tensor, basis: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """G [out, r] minimising ||(W - G A) S||_F^2 with S S^T = gram: G = W C A^T (A C A^T)^{-1}."""
     return fit_input(weight, basis, gram).factor

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from offline.decompose import whitened_error
+
 
 @dataclass
 class SlimmedExpert:
@@ -120,9 +122,8 @@ def slim_experts_in_place(gate: torch.Tensor, up: torch.Tensor, down: torch.Tens
         slim = slim_expert(down[e], gram, keep)
         new_down = torch.zeros(down.shape[1], down.shape[2], dtype=torch.float64)
         new_down[:, slim.kept] = slim.down
-        difference = down[e].double() - new_down
-        num += float(torch.einsum("ij,jk,ik->", difference, gram, difference))
-        den += float(torch.einsum("ij,jk,ik->", down[e].double(), gram, down[e].double()))
+        error, energy = whitened_error(down[e], new_down, gram)
+        num, den = num + error, den + energy
         dropped = torch.ones(down.shape[2], dtype=torch.bool)
         dropped[slim.kept] = False
         with torch.no_grad():
