@@ -16,15 +16,20 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from moesvd_vllm.schema import (
+from moesvd_vllm.architectures import MoEDims, moe_dims, moe_layer_indices
+
+from moesvd_vllm.format.schema import (
+
     INTERMEDIATE_MULTIPLE,
+
     RANK_MULTIPLE,
+
     LayerSpec,
-    MoEDims,
+
     dense_layer_params,
-    moe_dims,
-    moe_layer_indices,
+
     read_moe_svd_config,
+
 )
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,9 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, replace
 
-from moesvd_vllm.schema import LayerSpec, MoEDims, decomposed_layer_params
+from moesvd_vllm.architectures import MoEDims
+
+from moesvd_vllm.format.schema import LayerSpec, decomposed_layer_params
 
 _DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
 KERNEL_INTERMEDIATE_ALIGNMENT = 32  # vLLM X86CPUUnquantizedExperts pads I to a multiple of this

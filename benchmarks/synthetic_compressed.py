@@ -4,7 +4,7 @@ The serving cost of a decomposed layer depends on its shapes (rank r, banks, dty
 values, so a benchmark can skip calibration and decomposition: this writer takes a dense checkpoint,
 keeps every non-expert tensor (attention, norms, router, embeddings), and replaces each MoE layer's
 experts by random tensors with the schema's names and shapes at a uniform rank r and kept intermediate
-size I' (moesvd_vllm/schema.py): bases A [r, H] and B [H, r] with orthonormal rows/columns, factors
+size I' (moesvd_vllm/format/schema.py): bases A [r, H] and B [H, r] with orthonormal rows/columns, factors
 ~ N(0, std). With `bases=False` (format v2, only at r = H) the layer has no bases: a neuron-selection
 layer, i.e. a plain fused MoE with intermediate size I'. The `moe_svd` block is
 a real one (method "synthetic-random", ParamCounts from the schema's counting), so the plugin loads
@@ -24,19 +24,26 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moesvd_vllm.schema import (
+from moesvd_vllm.architectures import PLUGIN_ARCHITECTURES, moe_dims, moe_layer_indices, moe_layout
+
+from moesvd_vllm.format.schema import (
+
     CONFIG_KEY,
+
     FORMAT_VERSION,
-    PLUGIN_ARCHITECTURES,
+
     LayerSpec,
+
     MoESVDConfig,
+
     ParamCounts,
+
     decomposed_layer_params,
+
     dense_layer_params,
+
     expected_layer_tensors,
-    moe_dims,
-    moe_layer_indices,
-    moe_layout,
+
 )
 from offline.expert_tensors import copy_side_files, write_config
 

@@ -1,6 +1,6 @@
 """The low-rank shared-basis MoE block that replaces a decomposed MoE layer inside vLLM.
 
-A decomposed layer (schema form "shared_basis", see moesvd_vllm/schema.py) computes, for a token x,
+A decomposed layer (schema form "shared_basis", see moesvd_vllm/format/schema.py) computes, for a token x,
 
     y = sum over the top-k experts e of  w_e * B @ down_k(act(gate_k(A x)) * up_k(A x)),  k = bank_map[e]
 
@@ -28,7 +28,7 @@ from vllm.model_executor.layers.fused_moe import FusedMoEFactory, GateLinear
 from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.models.utils import sequence_parallel_chunk
 
-from moesvd_vllm.schema import CONFIG_KEY, LayerSpec, MoESVDConfig, SchemaError
+from moesvd_vllm.format.schema import CONFIG_KEY, LayerSpec, MoESVDConfig, SchemaError
 
 logger = logging.getLogger("vllm.moesvd_vllm.layers")
 

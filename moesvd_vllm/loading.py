@@ -1,4 +1,4 @@
-"""Load-time validation of a compressed checkpoint against the schema (moesvd_vllm/schema.py).
+"""Load-time validation of a compressed checkpoint against the schema (moesvd_vllm/format/schema.py).
 
 vLLM's loaders narrow a smaller tensor into a larger parameter and drop names nothing claims, so a
 checkpoint that disagrees with its `moe_svd` block could load "successfully" and serve garbage. The
@@ -15,14 +15,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from moesvd_vllm.schema import (
-    CONFIG_KEY,
-    LayerSpec,
-    MoEDims,
-    MoESVDConfig,
-    expected_layer_tensors,
-    moe_layout,
-)
+from moesvd_vllm.architectures import MoEDims, moe_layout
+
+from moesvd_vllm.format.schema import CONFIG_KEY, LayerSpec, MoESVDConfig, expected_layer_tensors
 
 logger = logging.getLogger("vllm.moesvd_vllm.loading")
 

@@ -23,12 +23,9 @@ from dataclasses import dataclass
 from prometheus_client import Gauge
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from moesvd_vllm.schema import (
-    CONFIG_KEY,
-    MoESVDConfig,
-    SchemaError,
-    moe_layer_indices,
-)
+from moesvd_vllm.architectures import moe_layer_indices
+
+from moesvd_vllm.format.schema import CONFIG_KEY, MoESVDConfig, SchemaError
 
 logger = logging.getLogger("vllm.moesvd_vllm.metrics")
 

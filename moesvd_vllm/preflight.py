@@ -17,7 +17,7 @@ import struct
 from pathlib import Path
 
 from moesvd_vllm.loading import CheckpointMismatchError, CompressedCheckpointValidator
-from moesvd_vllm.schema import moe_dims, moe_layer_indices
+from moesvd_vllm.architectures import moe_dims, moe_layer_indices
 
 logger = logging.getLogger("vllm.moesvd_vllm.preflight")
 

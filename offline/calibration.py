@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moesvd_vllm.schema import CalibrationInfo
+from moesvd_vllm.format.schema import CalibrationInfo
 
 logger = logging.getLogger(__name__)
 

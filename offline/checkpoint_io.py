@@ -27,7 +27,7 @@ from typing import Iterator
 
 import torch
 
-from moesvd_vllm.schema import MoEDims
+from moesvd_vllm.architectures import MoEDims
 from offline.expert_tensors import (
     INDEX_FILE,
     CheckpointTensors,

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from offline.compress import CompressionOptions, OptionsError, compress
     from offline.decompose import WhiteningError
     from offline.sensitivity import RatioError
-    from moesvd_vllm.schema import SchemaError
+    from moesvd_vllm.format.schema import SchemaError
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompressionOptions)}
     try:
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         logger.error("%s", exc)
         print(f"moesvd compress: error: {exc}")
         return 1
-    from moesvd_vllm.schema import read_moe_svd_config
+    from moesvd_vllm.format.schema import read_moe_svd_config
 
     block = read_moe_svd_config(out)
     print(f"wrote {out}: method {block.method}, removed {block.params.ratio:.1%} of routed-expert "

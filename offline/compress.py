@@ -39,21 +39,32 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moesvd_vllm.schema import (
+from moesvd_vllm.architectures import PLUGIN_ARCHITECTURES, MoEDims, moe_layout
+
+from moesvd_vllm.format.schema import (
+
     BASIS_DTYPES,
+
     CONFIG_KEY,
+
     FORMAT_VERSION,
-    PLUGIN_ARCHITECTURES,
+
     INTERMEDIATE_MULTIPLE,
+
     RANK_MULTIPLE,
+
     LayerSpec,
-    MoEDims,
+
     MoESVDConfig,
+
     ParamCounts,
+
     decomposed_layer_params,
+
     dense_layer_params,
+
     expected_layer_tensors,
-    moe_layout,
+
 )
 from offline import decompose as dec
 from offline.calibration import CalibrationSet, ExpertStatistics, ExpertStatisticsHook, load_calibration

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from moesvd_vllm.schema import read_moe_svd_config
+from moesvd_vllm.format.schema import read_moe_svd_config
 from offline.expert_tensors import torch_dtype
 from offline.reference import load_reference_model
 

@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from moesvd_vllm.schema import MoEDims, moe_layout
+from moesvd_vllm.architectures import MoEDims, moe_layout
 
 logger = logging.getLogger(__name__)
 

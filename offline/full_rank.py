@@ -35,22 +35,30 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moesvd_vllm.schema import (
+from moesvd_vllm.architectures import PLUGIN_ARCHITECTURES, MoEDims, moe_dims, moe_layer_indices, moe_layout
+
+from moesvd_vllm.format.schema import (
+
     CONFIG_KEY,
+
     FORMAT_VERSION,
-    PLUGIN_ARCHITECTURES,
+
     RANK_MULTIPLE,
+
     LayerSpec,
-    MoEDims,
+
     MoESVDConfig,
+
     ParamCounts,
+
     SchemaError,
+
     decomposed_layer_params,
+
     dense_layer_params,
+
     expected_layer_tensors,
-    moe_dims,
-    moe_layer_indices,
-    moe_layout,
+
 )
 from offline.expert_tensors import (
     CheckpointTensors,

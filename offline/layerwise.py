@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moesvd_vllm.schema import MoEDims, moe_dims, moe_layer_indices, moe_layout
+from moesvd_vllm.architectures import MoEDims, moe_dims, moe_layer_indices, moe_layout
 from offline.checkpoint_io import CheckpointError, disk_name, layer_state_dict, verify_shards
 from offline.expert_tensors import CheckpointTensors, read_config, read_fused_experts
 

@@ -36,17 +36,22 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from moesvd_vllm.schema import (
+from moesvd_vllm.architectures import MoEDims, moe_dims, moe_layer_indices, moe_layout
+
+from moesvd_vllm.format.schema import (
+
     CONFIG_KEY,
+
     LayerSpec,
-    MoEDims,
+
     MoESVDConfig,
+
     SchemaError,
+
     expected_layer_tensors,
-    moe_dims,
-    moe_layer_indices,
-    moe_layout,
+
     read_moe_svd_config,
+
 )
 from offline.expert_tensors import (
     CheckpointTensors,

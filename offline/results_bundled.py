@@ -58,7 +58,7 @@ def _compress(model_dir: Path, out: Path, method: str, ratio: float, calib: str,
             logger.warning("%s at %.3f not reachable within %.3f; retrying wider", method, ratio, tolerance)
     else:
         raise last_error
-    from moesvd_vllm.schema import read_moe_svd_config
+    from moesvd_vllm.format.schema import read_moe_svd_config
 
     return out, read_moe_svd_config(out).params.ratio
 

@@ -17,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from moesvd_vllm.schema import CONFIG_KEY, MoESVDConfig, SchemaError
+from moesvd_vllm.format.schema import CONFIG_KEY, MoESVDConfig, SchemaError
 from serve.launch import ServerOptions, ServerStartError, VLLMServer
 
 PLUGIN_NAME = "moesvd"  # entry-point name of both plugins (pyproject.toml)

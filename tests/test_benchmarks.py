@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import perf_models, perf_report
-from moesvd_vllm.schema import LayerSpec, MoEDims, decomposed_layer_params, dense_layer_params
+from moesvd_vllm.architectures import MoEDims
+from moesvd_vllm.format.schema import LayerSpec, decomposed_layer_params, dense_layer_params
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

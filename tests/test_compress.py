@@ -16,16 +16,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moesvd_vllm.schema import (
-    PLUGIN_ARCHITECTURES,
+from moesvd_vllm.architectures import PLUGIN_ARCHITECTURES, moe_dims, moe_layer_indices, moe_layout
+
+from moesvd_vllm.format.schema import (
+
     SchemaError,
+
     decomposed_layer_params,
+
     dense_layer_params,
+
     expected_layer_tensors,
-    moe_dims,
-    moe_layer_indices,
-    moe_layout,
+
     read_moe_svd_config,
+
 )
 from offline.calibration import CalibrationError
 from offline.checkpoint_io import CheckpointError, OutputExistsError

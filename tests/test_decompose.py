@@ -7,7 +7,9 @@ import logging
 import pytest
 import torch
 
-from moesvd_vllm.schema import LayerSpec, MoEDims, decomposed_layer_params, dense_layer_params
+from moesvd_vllm.architectures import MoEDims
+
+from moesvd_vllm.format.schema import LayerSpec, decomposed_layer_params, dense_layer_params
 from offline import decompose as dec
 from offline.calibration import ExpertStatistics, ExpertStatisticsHook, sample_windows, CalibrationError
 from offline.sensitivity import (

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moesvd_vllm.schema import read_moe_svd_config
+from moesvd_vllm.format.schema import read_moe_svd_config
 
 
 def test_demo_compresses_serves_compares_and_reads_tokens_per_second(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moesvd_vllm.schema import PLUGIN_ARCHITECTURES, moe_dims, moe_layer_indices, moe_layout
+from moesvd_vllm.architectures import PLUGIN_ARCHITECTURES, moe_dims, moe_layer_indices, moe_layout
 from offline.fixtures.bench_shapes import bench_config, build_bench_model, planned_bytes
 from offline.fixtures.tiny import DEFAULT_INIT_STD, TINY_ARCHS, build_tiny_checkpoint
 from offline.fixtures.tokenizer import VOCAB_SIZE

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from moesvd_vllm.schema import read_moe_svd_config
+from moesvd_vllm.format.schema import read_moe_svd_config
 from serve.http import get_text, metric_value, parse_metrics
 from serve.launch import ServerOptions, ServerStartError, VLLMServer, free_port
 from tests.support.plugin import (
@@ -322,7 +322,7 @@ def _stream_through_validator(model_dir: Path) -> None:
 
     from moesvd_vllm.layers import compression_config
     from moesvd_vllm.loading import CompressedCheckpointValidator
-    from moesvd_vllm.schema import moe_dims, moe_layer_indices
+    from moesvd_vllm.architectures import moe_dims, moe_layer_indices
 
     hf_config = AutoConfig.from_pretrained(model_dir)
     config = hf_config.to_dict()

@@ -16,14 +16,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moesvd_vllm.schema import (
-    PLUGIN_ARCHITECTURES,
+from moesvd_vllm.architectures import PLUGIN_ARCHITECTURES, moe_dims
+
+from moesvd_vllm.format.schema import (
+
     SchemaError,
+
     decomposed_layer_params,
+
     dense_layer_params,
+
     expected_layer_tensors,
-    moe_dims,
+
     read_moe_svd_config,
+
 )
 from offline.expert_tensors import CheckpointTensors, read_config
 from offline.fixtures.tiny import TINY_ARCHS, build_tiny_checkpoint

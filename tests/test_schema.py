@@ -2,14 +2,22 @@
 
 import pytest
 
-from moesvd_vllm.schema import (
+from moesvd_vllm.architectures import MoEDims
+
+from moesvd_vllm.format.schema import (
+
     CONFIG_KEY,
+
     LayerSpec,
-    MoEDims,
+
     MoESVDConfig,
+
     SchemaError,
+
     decomposed_layer_params,
+
     expected_layer_tensors,
+
 )
 
 DIMS = MoEDims(num_experts=4, top_k=2, hidden=128, intermediate=256)

@@ -22,7 +22,8 @@ from vllm.sequence import IntermediateTensors
 
 from moesvd_vllm.layers import CompressionConfigError, LowRankSharedBasisMoE, compression_config
 from moesvd_vllm.loading import CompressedCheckpointValidator
-from moesvd_vllm.schema import MoESVDConfig, moe_dims, moe_layer_indices, moe_layout
+from moesvd_vllm.architectures import moe_dims, moe_layer_indices, moe_layout
+from moesvd_vllm.format.schema import MoESVDConfig
 
 logger = logging.getLogger("vllm.moesvd_vllm.models")
 

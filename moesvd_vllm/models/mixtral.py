@@ -35,7 +35,7 @@ from vllm.model_executor.models.utils import (
 )
 
 from moesvd_vllm.models.common import MoESVDForCausalLM, decomposed_moe_block
-from moesvd_vllm.schema import MoESVDConfig
+from moesvd_vllm.format.schema import MoESVDConfig
 
 
 class MoESVDMixtralDecoderLayer(MixtralDecoderLayer):

@@ -33,7 +33,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from moesvd_vllm.layers import CompressionConfigError
 from moesvd_vllm.models.common import MoESVDForCausalLM, decomposed_moe_block
-from moesvd_vllm.schema import MoESVDConfig
+from moesvd_vllm.format.schema import MoESVDConfig
 
 
 def _is_moe_layer(config, layer_index: int) -> bool:

@@ -32,6 +32,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from moesvd_vllm.architectures import MoEDims, moe_layout
+from moesvd_vllm.errors import SchemaError
+
 FORMAT_VERSION = 2  # 2 added LayerSpec.intermediate and LayerSpec.bases
 READABLE_FORMAT_VERSIONS = (1, 2)
 CONFIG_KEY = "moe_svd"
@@ -41,21 +44,8 @@ INTERMEDIATE_MULTIPLE = 8  # kept intermediate neurons per expert: a multiple of
 FORMS = ("shared_basis", "per_expert")
 BASIS_DTYPES = ("float32", "bfloat16", "float16")
 
-# Original architecture -> plugin-only architecture. Stock vLLM does not know the plugin names, so a
-# compressed checkpoint served without the plugin fails loudly instead of producing NaN.
-PLUGIN_ARCHITECTURES: dict[str, str] = {
-    "Qwen3MoeForCausalLM": "MoESVDQwen3MoeForCausalLM",
-    "MixtralForCausalLM": "MoESVDMixtralForCausalLM",
-    "Qwen2MoeForCausalLM": "MoESVDQwen2MoeForCausalLM",
-    "DeepseekV2ForCausalLM": "MoESVDDeepseekV2ForCausalLM",
-    "PhiMoEForCausalLM": "MoESVDPhiMoEForCausalLM",
-    "PhimoeForCausalLM": "MoESVDPhiMoEForCausalLM",  # transformers' own spelling of the same class
-    "OlmoeForCausalLM": "MoESVDOlmoeForCausalLM",
-}
 
 
-class SchemaError(ValueError):
-    """The `moe_svd` block or the checkpoint does not match the schema."""
 
 
 def _from_dict(cls, data: Any, where: str):
@@ -216,86 +206,6 @@ class MoESVDConfig:
 
     def layer(self, index: int) -> LayerSpec | None:
         return self.layers.get(str(index))
-
-
-@dataclass(frozen=True)
-class MoELayout:
-    """Where a model type keeps its routed experts, with the on-disk (Hugging Face Hub) tensor names."""
-
-    moe_module: str  # decoder-layer attribute of the MoE block: "mlp" or "block_sparse_moe"
-    gate_proj: str  # per-expert projection names under `<moe_module>.experts.<e>.`
-    up_proj: str
-    down_proj: str
-    router: str = "gate"  # `<moe_module>.<router>.weight` [E, H]
-    num_experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts")
-    top_k_keys: tuple[str, ...] = ("num_experts_per_tok",)
-    intermediate_keys: tuple[str, ...] = ("moe_intermediate_size",)
-
-
-_QWEN_STYLE = MoELayout("mlp", "gate_proj", "up_proj", "down_proj")
-_MIXTRAL_STYLE = MoELayout("block_sparse_moe", "w1", "w3", "w2",
-                           num_experts_keys=("num_local_experts",),
-                           intermediate_keys=("intermediate_size",))
-
-MOE_LAYOUTS: dict[str, MoELayout] = {
-    "qwen3_moe": _QWEN_STYLE,
-    "qwen2_moe": _QWEN_STYLE,
-    "olmoe": dataclasses.replace(_QWEN_STYLE, intermediate_keys=("intermediate_size",)),
-    "deepseek_v2": dataclasses.replace(_QWEN_STYLE, num_experts_keys=("n_routed_experts",)),
-    "mixtral": _MIXTRAL_STYLE,
-    "phimoe": _MIXTRAL_STYLE,
-}
-
-
-def moe_layout(model_type: str) -> MoELayout:
-    try:
-        return MOE_LAYOUTS[model_type]
-    except KeyError:
-        raise SchemaError(
-            f"model_type {model_type!r} is not a supported Mixture-of-Experts architecture; "
-            f"supported: {sorted(MOE_LAYOUTS)}") from None
-
-
-def _first_key(config: dict[str, Any], keys: tuple[str, ...], what: str) -> int:
-    for key in keys:
-        if config.get(key) is not None:
-            return int(config[key])
-    raise SchemaError(f"config.json has none of {list(keys)} ({what})")
-
-
-@dataclass(frozen=True)
-class MoEDims:
-    num_experts: int  # E, routed
-    top_k: int
-    hidden: int  # H
-    intermediate: int  # I, per routed expert
-
-
-def moe_dims(config: dict[str, Any]) -> MoEDims:
-    """Routed-expert dimensions read from a config.json dict."""
-    layout = moe_layout(config.get("model_type", ""))
-    return MoEDims(
-        num_experts=_first_key(config, layout.num_experts_keys, "number of routed experts"),
-        top_k=_first_key(config, layout.top_k_keys, "experts per token"),
-        hidden=_first_key(config, ("hidden_size",), "hidden size"),
-        intermediate=_first_key(config, layout.intermediate_keys, "expert intermediate size"),
-    )
-
-
-def moe_layer_indices(config: dict[str, Any]) -> list[int]:
-    """Decoder layers whose MLP is a routed MoE block (others are dense MLPs)."""
-    n = int(config["num_hidden_layers"])
-    model_type = config.get("model_type", "")
-    if model_type in ("qwen3_moe", "qwen2_moe"):
-        step = int(config.get("decoder_sparse_step", 1) or 1)
-        dense = set(config.get("mlp_only_layers") or [])
-        return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
-    if model_type == "deepseek_v2":
-        first_dense = int(config.get("first_k_dense_replace", 0) or 0)
-        freq = int(config.get("moe_layer_freq", 1) or 1)
-        return [i for i in range(n) if i >= first_dense and i % freq == 0]
-    moe_layout(model_type)  # raises for unsupported types
-    return list(range(n))
 
 
 def expected_layer_tensors(model_type: str, layer_index: int, spec: LayerSpec, dims: MoEDims,
