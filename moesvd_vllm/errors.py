@@ -16,3 +16,11 @@ class SchemaError(MoESVDError):
 
 class ArchitectureError(SchemaError):
     """The model type or its config is not a supported Mixture-of-Experts architecture."""
+
+
+class CheckpointError(MoESVDError):
+    """A checkpoint's files or tensors are missing, damaged, or disagree with its config.json."""
+
+
+class NonFiniteTensorError(CheckpointError):
+    """A tensor about to be written holds NaN or Inf (the compressor never writes one)."""

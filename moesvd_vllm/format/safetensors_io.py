@@ -1,0 +1,373 @@
+"""The files of a checkpoint directory: the one place that reads and writes safetensors and its neighbours.
+
+* dtypes: one table, schema name ("bfloat16") <-> safetensors code ("BF16") <-> torch dtype (lazily);
+* headers: `tensor_infos(path)` lists (name, shape, dtype) with `safetensors.safe_open`, which refuses a
+  truncated or damaged file (never parsed by hand here); `verify_weight_files` opens every shard once;
+* shards: `weight_files(model_dir)` (the index's files, else `*.safetensors`), `tensor_files` (name -> file);
+* `ShardedSafetensorsWriter`: shards + index, every added tensor spilled to disk at once;
+* `atomic_directory`: a hidden `.NAME.<random>.partial` sibling that becomes NAME only when the block
+  succeeds; an error, Ctrl-C or SIGTERM removes it, so a half-written checkpoint never looks complete;
+* config.json and side files (tokenizer, generation config) of a Hugging Face directory.
+
+Reading headers needs no torch (safe_open's numpy framework); torch is imported only to write tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
+
+from safetensors import SafetensorError, safe_open
+
+from moesvd_vllm.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PARTIAL_SUFFIX = ".partial"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+# ------------------------------------------------------------------------------------------ dtypes
+# schema / torch name -> (safetensors code, bytes per element)
+DTYPES: dict[str, tuple[str, int]] = {
+    "float64": ("F64", 8), "float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2),
+    "float8_e4m3fn": ("F8_E4M3", 1), "float8_e5m2": ("F8_E5M2", 1),
+    "int64": ("I64", 8), "int32": ("I32", 4), "int16": ("I16", 2), "int8": ("I8", 1), "uint8": ("U8", 1),
+    "bool": ("BOOL", 1),
+}
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+_NAME_OF_CODE = {code: name for name, (code, _) in DTYPES.items()}
+
+
+def dtype_name(dtype: Any) -> str:
+    """The schema name of a torch dtype, a safetensors code or a name: torch.bfloat16 / "BF16" -> "bfloat16"."""
+    text = str(dtype)
+    return _NAME_OF_CODE.get(text, text.removeprefix("torch."))
+
+
+def safetensors_code(dtype: Any) -> str:
+    name = dtype_name(dtype)
+    try:
+        return DTYPES[name][0]
+    except KeyError:
+        raise CheckpointError(f"dtype {name!r} cannot be stored in safetensors; use one of "
+                              f"{sorted(DTYPES)}") from None
+
+
+def element_size(dtype: Any) -> int:
+    return DTYPES[dtype_name(dtype)][1]
+
+
+def torch_dtype(dtype: "str | torch.dtype", allowed: tuple[str, ...] = FLOAT_DTYPES) -> "torch.dtype":
+    """`"bfloat16"` -> torch.bfloat16 (a torch dtype passes through); names outside `allowed` are refused."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype_name(dtype)
+    if name not in allowed:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(allowed)}")
+    return getattr(torch, name)
+
+
+# ------------------------------------------------------------------------------------------ reading
+class TensorInfo(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: str  # schema name, e.g. "bfloat16"
+
+
+def _damaged(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: safetensors cannot read this file ({error}): it is truncated or damaged; re-download, "
+        "re-copy or re-create the checkpoint")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike, framework: str = "numpy") -> Iterator[Any]:
+    """`safe_open` with a damaged or truncated file reported as a CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: the file does not exist; download or copy the complete checkpoint")
+    try:
+        handle = safe_open(str(path), framework=framework)
+    except SafetensorError as error:
+        raise _damaged(path, error) from None
+    with handle:
+        yield handle
+
+
+def tensor_infos(path: str | os.PathLike) -> dict[str, TensorInfo]:
+    """name -> (shape, dtype) of every tensor in one safetensors file (header only, no tensor data read)."""
+    with open_safetensors(path) as handle:
+        out = {}
+        for name in handle.keys():
+            tensor = handle.get_slice(name)
+            out[name] = TensorInfo(tuple(tensor.get_shape()), dtype_name(tensor.get_dtype()))
+        return out
+
+
+def read_weight_map(model_dir: str | os.PathLike) -> dict[str, str] | None:
+    """The index's tensor -> file map, or None without an index file."""
+    index = Path(model_dir) / INDEX_FILE
+    if not index.is_file():
+        return None
+    try:
+        return dict(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({error!r}); re-download it") from None
+
+
+def weight_files(model_dir: str | os.PathLike, *, required: bool = True) -> list[Path]:
+    """The safetensors files of a checkpoint: those its index names, else every `*.safetensors` file."""
+    model_dir = Path(model_dir)
+    weight_map = read_weight_map(model_dir)
+    if weight_map is not None:
+        files = sorted({model_dir / name for name in weight_map.values()})
+        missing = [p.name for p in files if not p.is_file()]
+        if missing:
+            raise CheckpointError(f"{model_dir}: shard(s) {missing} named by {INDEX_FILE} are missing; "
+                                  "download or copy the complete checkpoint")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files and required:
+        other = sorted(p.name for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES) \
+            if model_dir.is_dir() else []
+        hint = (f" (found {other}: convert them to safetensors, e.g. load with transformers and "
+                "save_pretrained(..., safe_serialization=True))" if other else "")
+        raise CheckpointError(f"no *.safetensors weights in {model_dir}{hint}")
+    return files
+
+
+def verify_weight_files(model_dir: str | os.PathLike) -> list[Path]:
+    """Every shard exists and safetensors opens it (a truncated download fails here, naming the file)."""
+    files = weight_files(model_dir)
+    for path in files:
+        with open_safetensors(path):
+            pass
+    return files
+
+
+def tensor_files(model_dir: str | os.PathLike) -> dict[str, Path]:
+    """name -> file of every tensor (the index's map, else read from the files' headers)."""
+    model_dir = Path(model_dir)
+    weight_map = read_weight_map(model_dir)
+    if weight_map is not None:
+        return {name: model_dir / file for name, file in weight_map.items()}
+    return {name: path for path in weight_files(model_dir) for name in tensor_infos(path)}
+
+
+def checkpoint_tensor_infos(model_dir: str | os.PathLike) -> Iterator[tuple[str, TensorInfo]]:
+    """(name, (shape, dtype)) of every tensor of every shard, from the headers."""
+    for path in weight_files(model_dir):
+        yield from tensor_infos(path).items()
+
+
+# ------------------------------------------------------------------------------------------ writing
+@dataclass
+class _Spilled:
+    """A tensor added to the writer: its bytes wait in the spill file at `offset`."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+
+
+_COPY_CHUNK_BYTES = 64 * 2**20
+
+
+class ShardedSafetensorsWriter:
+    """Writes `model-0000k-of-0000n.safetensors` shards plus the index file.
+
+    Every added tensor goes to a temporary spill file at once, so memory holds none of them (a shard
+    may be 2 GiB, more than a bf16 Qwen3-30B-A3B MoE layer); when a shard is full its header is written
+    and the bytes are copied behind it, ordered as `safetensors.torch.save_file` orders them (larger
+    dtypes first, then by name: every tensor aligned to its element size)."""
+
+    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: list[_Spilled] = []
+        self._pending_bytes = 0
+        self._spill = None
+        self._names: set[str] = set()
+        self._written: list[tuple[Path, list[str]]] = []
+        self._total_bytes = 0
+
+    def add(self, name: str, tensor: "torch.Tensor") -> None:
+        import torch
+
+        if name in self._names:
+            raise ValueError(f"tensor {name!r} written twice")
+        dtype = dtype_name(tensor.dtype)
+        if dtype not in DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} cannot be stored in safetensors")
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        if self._spill is None:
+            self._spill = open(self._spill_path(), "w+b")
+        data = tensor.detach().cpu().contiguous()
+        offset = self._spill.tell()
+        if size:
+            self._spill.write(data.reshape(-1).view(torch.uint8).numpy().data)
+        self._pending.append(_Spilled(name, dtype, tuple(data.shape), offset, size))
+        self._names.add(name)
+        self._pending_bytes += size
+        self._total_bytes += size
+
+    def _spill_path(self) -> Path:
+        return self.out_dir / f"shard-{len(self._written):05d}.spill.tmp"
+
+    def _header(self, entries: list[_Spilled]) -> bytes:
+        header: dict = {"__metadata__": {"format": "pt"}}
+        start = 0
+        for entry in entries:
+            header[entry.name] = {"dtype": DTYPES[entry.dtype][0], "shape": list(entry.shape),
+                                  "data_offsets": [start, start + entry.size]}
+            start += entry.size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        return raw + b" " * (-len(raw) % 8)
+
+    def _flush(self) -> None:
+        path = self.out_dir / f"shard-{len(self._written):05d}.tmp"
+        entries = sorted(self._pending, key=lambda t: (-DTYPES[t.dtype][1], t.name))
+        header = self._header(entries)
+        with open(path, "wb") as shard:
+            shard.write(len(header).to_bytes(8, "little"))
+            shard.write(header)
+            for entry in entries:
+                self._copy_spilled(entry, shard)
+        if self._spill is not None:
+            self._spill.close()
+            self._spill_path().unlink()
+            self._spill = None
+        self._written.append((path, [t.name for t in self._pending]))
+        self._pending, self._pending_bytes = [], 0
+
+    def _copy_spilled(self, entry: _Spilled, shard) -> None:
+        self._spill.seek(entry.offset)
+        left = entry.size
+        while left:
+            chunk = self._spill.read(min(left, _COPY_CHUNK_BYTES))
+            shard.write(chunk)
+            left -= len(chunk)
+
+    def finish(self) -> list[Path]:
+        """Write the last shard, give shards their final names and write the index."""
+        if self._pending or not self._written:
+            self._flush()
+        count = len(self._written)
+        weight_map: dict[str, str] = {}
+        final_paths = []
+        for number, (path, names) in enumerate(self._written, start=1):
+            final = self.out_dir / f"model-{number:05d}-of-{count:05d}.safetensors"
+            path.rename(final)
+            final_paths.append(final)
+            weight_map.update({name: final.name for name in names})
+        index = {"metadata": {"total_size": self._total_bytes},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        return final_paths
+
+
+# ------------------------------------------------------------------------------------------ directories
+class OutputExistsError(FileExistsError):
+    """The output directory exists and replacing it was not asked for."""
+
+
+def check_output_dir(out_dir: str | os.PathLike, replace: bool) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not replace:
+        raise OutputExistsError(f"output directory {out_dir} already exists; choose another output directory "
+                                "or replace it (--force)")
+    return out_dir
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit while writing, so `finally` blocks remove the partial directory."""
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def _raise(signum, frame):  # noqa: ARG001
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, _raise)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _usual_permissions(directory: Path) -> None:
+    """mkdtemp creates 0o700; give the published tree the modes mkdir/open would have given it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a hidden partial directory next to `out_dir`; it becomes `out_dir` only if the block succeeds.
+
+    An existing `out_dir` is refused unless `replace`, and then replaced only at the very end, so it
+    survives a failed run. An exception, Ctrl-C or SIGTERM removes the partial directory; after a SIGKILL
+    it stays as `.NAME.<random>.partial`, which never looks like a finished checkpoint.
+    """
+    out_dir = check_output_dir(out_dir, replace)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=PARTIAL_SUFFIX, dir=out_dir.parent))
+    try:
+        with _sigterm_as_exception():
+            yield partial
+            _usual_permissions(partial)
+            if out_dir.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+                out_dir.rename(trash / "old")
+                partial.rename(out_dir)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                partial.rename(out_dir)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def read_config(model_dir: str | os.PathLike) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {model_dir} is not a Hugging Face checkpoint directory")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_config(out_dir: str | os.PathLike, config: dict) -> None:
+    (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
+                                               encoding="utf-8")
+
+
+def copy_side_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
+    """Copy tokenizer, generation config and other non-weight files (config.json and indexes excluded)."""
+    copied = []
+    for path in sorted(Path(src_dir).iterdir()):
+        if (not path.is_file() or path.name in ("config.json", INDEX_FILE)
+                or path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json")):
+            continue
+        shutil.copy2(path, Path(dst_dir) / path.name)
+        copied.append(path.name)
+    return copied
