@@ -27,7 +27,7 @@ from typing import Iterator
 
 import torch
 
-from moesvd_vllm.architectures import MoEDims
+from moesvd_vllm.architectures import MoEDims, hub_name
 from offline.expert_tensors import (
     INDEX_FILE,
     CheckpointTensors,
@@ -37,14 +37,6 @@ from offline.expert_tensors import (
 )
 
 logger = logging.getLogger(__name__)
-
-# In-memory (transformers 5) module path -> on-disk (Hub) path, per model type. Applied to names relative
-# to `model.layers.<i>.`; the first matching prefix wins.
-_IN_MEMORY_TO_DISK: dict[str, tuple[tuple[str, str], ...]] = {
-    "mixtral": (("mlp.", "block_sparse_moe."),),
-    "phimoe": (("mlp.router.", "block_sparse_moe.gate."), ("mlp.", "block_sparse_moe.")),
-}
-
 
 class CheckpointError(ValueError):
     """The input checkpoint is incomplete or inconsistent."""
@@ -93,12 +85,9 @@ def verify_shards(model_dir: str | os.PathLike) -> list[Path]:
 
 
 def disk_name(model_type: str, layer_index: int, in_memory_name: str) -> str:
-    """On-disk name of a decoder-layer tensor given its in-memory (relative) name."""
-    for src, dst in _IN_MEMORY_TO_DISK.get(model_type, ()):
-        if in_memory_name.startswith(src):
-            in_memory_name = dst + in_memory_name[len(src):]
-            break
-    return f"model.layers.{layer_index}.{in_memory_name}"
+    """On-disk name of a decoder-layer tensor given its in-memory (relative) name (transformers' own
+    renames, reversed: `mlp.router.weight` -> `block_sparse_moe.gate.weight` for phimoe)."""
+    return hub_name(model_type, f"model.layers.{layer_index}.{in_memory_name}")
 
 
 def layer_state_dict(tensors: CheckpointTensors, model_type: str, layer_index: int,

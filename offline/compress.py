@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moesvd_vllm.architectures import PLUGIN_ARCHITECTURES, MoEDims, moe_layout
+from moesvd_vllm.architectures import PLUGIN_ARCHITECTURES, MoEDims, moe_layout, require_servable
 
 from moesvd_vllm.format.schema import (
 
@@ -641,6 +641,7 @@ def compress(model_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
     out_dir = check_output_dir(out_dir, options.force)
     clock = StageClock()
     model = LayerwiseModel(model_dir)
+    require_servable(model.model_type, offline_only=options.form == "per_expert")
     with clock.stage("calibration data"):
         calib = load_calibration(options.calib, model_dir, options.num_samples, options.seq_len, options.seed)
     logger.info("calibration: %d x %d tokens from %s (sha256 %s)", calib.info.num_samples,

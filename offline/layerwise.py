@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moesvd_vllm.architectures import MoEDims, moe_dims, moe_layer_indices, moe_layout
+from moesvd_vllm.architectures import MoEDims, module_moe_block, moe_dims, moe_layer_indices, moe_layout
 from offline.checkpoint_io import CheckpointError, disk_name, layer_state_dict, verify_shards
 from offline.expert_tensors import CheckpointTensors, read_config, read_fused_experts
 
@@ -70,6 +70,7 @@ class LayerwiseModel:
         self.config = _hf_config(self.model_dir)
         self._skeleton = self._meta_model()
         self._rotary = type(self._skeleton.model.rotary_emb)(config=self.config)
+        self._moe_attribute = module_moe_block(self.model_type, 0).removeprefix("model.layers.0.")
 
     def _meta_model(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
@@ -131,7 +132,8 @@ class LayerwiseModel:
         return layer.eval()
 
     def moe_block(self, layer: nn.Module) -> nn.Module:
-        return layer.mlp
+        """The MoE block of a decoder layer built by `build_layer` (transformers' module path)."""
+        return layer.get_submodule(self._moe_attribute)
 
     def run_layer(self, layer: nn.Module, layer_index: int, hidden: torch.Tensor,
                   inputs: LayerInputs) -> torch.Tensor:
@@ -159,8 +161,7 @@ class LayerwiseModel:
         return [n for n in self.tensors.names() if n.startswith(prefix)]
 
     def router_disk_name(self, layer_index: int) -> str:
-        layout = moe_layout(self.model_type)
-        return f"model.layers.{layer_index}.{layout.moe_module}.{layout.router}.weight"
+        return moe_layout(self.model_type).router_weight(layer_index)
 
     def expert_dtype(self) -> str:
         """Dtype of the stored expert weights (the dtype the compressed factors keep)."""

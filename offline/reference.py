@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +35,14 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from moesvd_vllm.architectures import MoEDims, moe_dims, moe_layer_indices, moe_layout
+from moesvd_vllm.architectures import (
+    MoEDims,
+    module_moe_block,
+    module_name,
+    moe_dims,
+    moe_layer_indices,
+    moe_layout,
+)
 
 from moesvd_vllm.format.schema import (
 
@@ -69,14 +75,6 @@ from offline.expert_tensors import (
 logger = logging.getLogger(__name__)
 
 ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
-
-# On-disk (Hub) tensor names -> transformers 5 module names, where they differ (non-expert tensors only;
-# transformers' own loader applies the same renames). Applied in order.
-_HUB_TO_MODULE_RENAMES: dict[str, list[tuple[str, str]]] = {
-    "mixtral": [(r"\.block_sparse_moe\.", ".mlp.")],
-    "phimoe": [(r"\.block_sparse_moe\.", ".mlp."), (r"\.mlp\.gate\.weight$", ".mlp.router.weight")],
-}
-
 
 class CheckpointError(ValueError):
     """A compressed checkpoint's tensors do not match its `moe_svd` block."""
@@ -296,12 +294,15 @@ def validate_layer_tensors(tensors: CheckpointTensors, model_type: str, layer_in
 
 
 def _moe_block(model: PreTrainedModel, layer_index: int) -> nn.Module:
-    layer = model.model.layers[layer_index]
-    for attribute in ("mlp", "block_sparse_moe"):
-        block = getattr(layer, attribute, None)
-        if block is not None and hasattr(block, "experts"):
-            return block
-    raise CheckpointError(f"layer {layer_index} of {type(model).__name__} has no MoE block with `experts`")
+    path = module_moe_block(model.config.model_type, layer_index)
+    try:
+        block = model.get_submodule(path)
+    except AttributeError:
+        block = None
+    if block is None or not hasattr(block, "experts"):
+        raise CheckpointError(f"layer {layer_index} of {type(model).__name__} has no MoE block with `experts` "
+                              f"at {path}")
+    return block
 
 
 def _stack(tensors: CheckpointTensors, names: list[str]) -> torch.Tensor:
@@ -346,19 +347,13 @@ def _load_dense_experts(tensors: CheckpointTensors, model_type: str, layer_index
     return dense.source_names
 
 
-def hub_to_module_name(model_type: str, name: str) -> str:
-    for pattern, replacement in _HUB_TO_MODULE_RENAMES.get(model_type, []):
-        name = re.sub(pattern, replacement, name)
-    return name
-
-
 def _load_remaining_tensors(model: PreTrainedModel, tensors: CheckpointTensors, model_type: str,
                             consumed: set[str], filled: set[str]) -> None:
     """Load every not-yet-consumed tensor by name; fail on unused, missing or wrongly shaped tensors.
 
     `filled`: model parameter names already set (the experts of every MoE layer).
     """
-    state = {hub_to_module_name(model_type, name): tensors.get(name)
+    state = {module_name(model_type, name): tensors.get(name)
              for name in tensors.names() if name not in consumed}
     try:
         result = model.load_state_dict(state, strict=False)

@@ -23,7 +23,10 @@ EXPECTED_ARCHITECTURES = {
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "phimoe": "PhiMoEForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
 }
+FIRST_LAYER_DENSE = ("deepseek_v2", "deepseek_v3", "glm4_moe")
 PROMPT = ("In the beginning God created the heaven and the earth. And the earth was without form, and "
           "void; and darkness was upon the face of the deep.")
 
@@ -60,7 +63,7 @@ def prompt_ids(model_dir: Path) -> torch.Tensor:
     return AutoTokenizer.from_pretrained(model_dir)(PROMPT, return_tensors="pt").input_ids
 
 
-def test_all_six_architectures_are_offered():
+def test_all_architectures_are_offered():
     assert set(TINY_ARCHS) == set(EXPECTED_ARCHITECTURES)
     # Every fixture architecture has a plugin name (the schema also accepts aliases such as
     # transformers' spelling PhimoeForCausalLM).
@@ -76,7 +79,7 @@ def test_config_matches_the_schema_contract(arch, tiny_model_dir):
     assert config["vocab_size"] == VOCAB_SIZE and config["hidden_size"] % 32 == 0
     dims = moe_dims(config)
     assert (dims.num_experts, dims.top_k, dims.hidden, dims.intermediate) == (8, 2, 128, 128)
-    expected_moe_layers = [1, 2, 3] if arch == "deepseek_v2" else [0, 1, 2, 3]
+    expected_moe_layers = [1, 2, 3] if arch in FIRST_LAYER_DENSE else [0, 1, 2, 3]
     assert moe_layer_indices(config) == expected_moe_layers
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json"):
@@ -99,7 +102,7 @@ def test_experts_use_the_hub_per_expert_tensor_names(arch, tiny_model_dir):
                 assert tensors[f"{prefix}.experts.{e}.{proj}.weight"].shape == shape
     assert not [n for n in tensors if "gate_up_proj" in n or n.endswith("experts.down_proj")], \
         "fused (transformers in-memory) expert tensors must not be on disk"
-    if arch == "deepseek_v2":  # first_k_dense_replace=1: layer 0 is a dense MLP
+    if arch in FIRST_LAYER_DENSE:  # first_k_dense_replace=1: layer 0 is a dense MLP
         assert "model.layers.0.mlp.gate_proj.weight" in tensors
         assert not [n for n in tensors if n.startswith("model.layers.0.mlp.experts.")]
 
