@@ -7,60 +7,29 @@ experts by random tensors with the schema's names and shapes at a uniform rank r
 size I' (moesvd_vllm/format/schema.py): bases A [r, H] and B [H, r] with orthonormal rows/columns, factors
 ~ N(0, std). With `bases=False` (format v2, only at r = H) the layer has no bases: a neuron-selection
 layer, i.e. a plain fused MoE with intermediate size I'. The `moe_svd` block is
-a real one (method "synthetic-random", ParamCounts from the schema's counting), so the plugin loads
-and validates it like any compressor output. Its outputs are meaningless text.
+a real one (method "synthetic-random"), written by the one compressed-checkpoint writer
+(moesvd_vllm/format/writer.py), so the plugin loads and validates it like any compressor output. Its
+outputs are meaningless text.
 
-Memory: one layer's new tensors at a time (about (1 - ratio) x one dense layer).
+Memory: one tensor at a time (the writer spills every tensor to disk at once).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from moesvd_vllm.architectures import PLUGIN_ARCHITECTURES, moe_dims, moe_layer_indices, moe_layout
-
-from moesvd_vllm.format.schema import (
-
-    CONFIG_KEY,
-
-    FORMAT_VERSION,
-
-    LayerSpec,
-
-    MoESVDConfig,
-
-    ParamCounts,
-
-    decomposed_layer_params,
-
-    dense_layer_params,
-
-    expected_layer_tensors,
-
-)
-from offline.expert_tensors import copy_side_files, write_config
+from moesvd_vllm.architectures import moe_dims, moe_layer_indices, moe_layout
+from moesvd_vllm.format.safetensors_io import open_safetensors, read_config, tensor_files, torch_dtype
+from moesvd_vllm.format.schema import LayerSpec, expected_layer_tensors
+from moesvd_vllm.format.writer import COPIED, CompressedCheckpointWriter
 
 logger = logging.getLogger(__name__)
 
 METHOD = "synthetic-random"
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _source_tensors(model_dir: Path) -> dict[str, Path]:
-    """Tensor name -> shard file of the dense checkpoint."""
-    names: dict[str, Path] = {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as handle:
-            for name in handle.keys():
-                names[name] = shard
-    return names
 
 
 def _is_routed_expert_tensor(name: str, prefix: str) -> bool:
@@ -82,16 +51,14 @@ def _layer_tensors(model_type: str, layer: int, spec: LayerSpec, dims, model_dty
             value = _orthonormal(shape[0], shape[1], generator)
         else:
             value = torch.randn(*shape, generator=generator) * std
-        tensors[name] = value.to(_TORCH_DTYPES[dtype]).contiguous()
+        tensors[name] = value.to(torch_dtype(dtype)).contiguous()
     return tensors
 
 
-def _copy_group(names: list[str], source: dict[str, Path]) -> dict[str, torch.Tensor]:
-    out = {}
+def _copy(writer: CompressedCheckpointWriter, names: list[str], source: dict[str, Path]) -> None:
     for name in names:
-        with safe_open(str(source[name]), framework="pt") as handle:
-            out[name] = handle.get_tensor(name)
-    return out
+        with open_safetensors(source[name], framework="pt") as handle:
+            writer.add(name, handle.get_tensor(name), stage=COPIED)
 
 
 def synthetic_layer_spec(dims, rank: int, *, intermediate: int | None = None, bases: bool = True,
@@ -111,49 +78,31 @@ def write_synthetic_compressed(dense_dir: Path, out_dir: Path, rank: int, *, int
     """Write `out_dir`: `dense_dir` with every MoE layer replaced by random factors of rank `rank` and
     `intermediate` kept neurons per expert (None: all); `bases=False` needs rank == hidden size."""
     started = time.monotonic()
-    config = json.loads((dense_dir / "config.json").read_text())
+    config = read_config(dense_dir)
     model_type = config["model_type"]
     dims = moe_dims(config)
     layout = moe_layout(model_type)
     model_dtype = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
     spec = synthetic_layer_spec(dims, rank, intermediate=intermediate, bases=bases, basis_dtype=basis_dtype)
     layers = moe_layer_indices(config)
-    source = _source_tensors(dense_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    source = tensor_files(dense_dir)
     generator = torch.Generator().manual_seed(seed)
-    weight_map: dict[str, str] = {}
     remaining = set(source)
-    for layer in layers:
-        prefix = f"model.layers.{layer}.{layout.moe_module}"
-        kept = sorted(n for n in remaining if n.startswith(f"model.layers.{layer}.")
-                      and not _is_routed_expert_tensor(n, prefix))
-        dropped = {n for n in remaining if _is_routed_expert_tensor(n, prefix)}
-        tensors = _copy_group(kept, source)
-        tensors.update(_layer_tensors(model_type, layer, spec, dims, model_dtype, std, generator))
-        shard = f"layer-{layer:03d}.safetensors"
-        save_file(tensors, str(out_dir / shard), metadata={"format": "pt"})
-        weight_map.update({name: shard for name in tensors})
-        remaining -= set(kept) | dropped
-        del tensors
-    rest = _copy_group(sorted(remaining), source)
-    save_file(rest, str(out_dir / "rest.safetensors"), metadata={"format": "pt"})
-    weight_map.update({name: "rest.safetensors" for name in rest})
-    total = sum((out_dir / f).stat().st_size for f in set(weight_map.values()))
-    (out_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
-    dense_params = dense_layer_params(dims) * len(layers)
-    block = MoESVDConfig(format_version=FORMAT_VERSION, method=METHOD,
-                         original_architectures=list(config.get("architectures") or []),
-                         layers={str(layer): spec for layer in layers},
-                         params=ParamCounts(expert_dense=dense_params,
-                                            expert_compressed=decomposed_layer_params(spec, dims) * len(layers)),
-                         options={"rank": rank, "intermediate": spec.kept_intermediate(dims), "bases": bases,
-                                  "seed": seed, "std": std, "note": "random factors: speed only"})
-    MoESVDConfig.from_dict(json.loads(json.dumps(block.to_dict())))  # what the plugin will read
-    config["architectures"] = [PLUGIN_ARCHITECTURES[a] for a in config.get("architectures") or []]
-    config[CONFIG_KEY] = block.to_dict()
-    write_config(out_dir, config)
-    copy_side_files(dense_dir, out_dir)
+    with CompressedCheckpointWriter(config, out_dir, replace=True) as writer:
+        for layer in layers:
+            prefix = f"model.layers.{layer}.{layout.moe_module}"
+            kept = sorted(n for n in remaining if n.startswith(f"model.layers.{layer}.")
+                          and not _is_routed_expert_tensor(n, prefix))
+            dropped = {n for n in remaining if _is_routed_expert_tensor(n, prefix)}
+            _copy(writer, kept, source)
+            for name, tensor in _layer_tensors(model_type, layer, spec, dims, model_dtype, std, generator).items():
+                writer.add(name, tensor, stage="the synthetic random factors")
+            remaining -= set(kept) | dropped
+        _copy(writer, sorted(remaining), source)
+        block = writer.finish(
+            method=METHOD, layers={str(layer): spec for layer in layers}, side_files_from=dense_dir,
+            options={"rank": rank, "intermediate": spec.kept_intermediate(dims), "bases": bases, "seed": seed,
+                     "std": std, "note": "random factors: speed only"})
     logger.info("wrote synthetic compressed checkpoint %s (rank %d, intermediate %d, bases %s, ratio %.3f) "
                 "in %.0f s", out_dir, rank, spec.kept_intermediate(dims), bases, block.params.ratio,
                 time.monotonic() - started)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -39,15 +38,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moesvd_vllm.architectures import PLUGIN_ARCHITECTURES, MoEDims, moe_layout, require_servable
+from moesvd_vllm.architectures import MoEDims, moe_layout, require_servable
 
 from moesvd_vllm.format.schema import (
 
     BASIS_DTYPES,
-
-    CONFIG_KEY,
-
-    FORMAT_VERSION,
 
     INTERMEDIATE_MULTIPLE,
 
@@ -56,8 +51,6 @@ from moesvd_vllm.format.schema import (
     LayerSpec,
 
     MoESVDConfig,
-
-    ParamCounts,
 
     decomposed_layer_params,
 
@@ -68,14 +61,13 @@ from moesvd_vllm.format.schema import (
 )
 from offline import decompose as dec
 from offline.calibration import CalibrationSet, ExpertStatistics, ExpertStatisticsHook, load_calibration
-from offline.checkpoint_io import atomic_checkpoint_dir, check_output_dir, expert_tensor_names
+from moesvd_vllm.format.safetensors_io import check_output_dir
+from moesvd_vllm.format.writer import COPIED, CompressedCheckpointWriter
+from offline.checkpoint_io import expert_tensor_names
 from offline.expert_tensors import (
     dtype_name,
     LayerExperts,
-    ShardedSafetensorsWriter,
-    copy_side_files,
     torch_dtype,
-    write_config,
 )
 from offline.layerwise import LayerInputs, LayerwiseModel
 from offline.report import LayerReport, StageClock, write_reports
@@ -627,11 +619,11 @@ def decompose_layer(model: LayerwiseModel, index: int, layer, stats: ExpertStati
     return result
 
 
-def _copy_layer(model: LayerwiseModel, writer: ShardedSafetensorsWriter, index: int,
+def _copy_layer(model: LayerwiseModel, writer: CompressedCheckpointWriter, index: int,
                 replaced: set[str]) -> None:
     for name in model.layer_tensor_names(index):
         if name not in replaced:
-            writer.add(name, model.tensors.get(name))
+            writer.add(name, model.tensors.get(name), stage=COPIED)
 
 
 # ------------------------------------------------------------------------------------------ pipeline
@@ -655,29 +647,24 @@ def compress(model_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
     logger.info("plan: decompose layers %s at (rank, neurons) %s -> ratio %.4f (target %.4f)",
                 list(plan.shapes), [(x.rank, x.intermediate) for x in plan.shapes.values()], plan.ratio,
                 options.ratio)
-    with atomic_checkpoint_dir(out_dir, force=options.force) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=options.max_shard_bytes)
-        with clock.stage("decomposition pass"):
+    with CompressedCheckpointWriter(model.raw_config, out_dir, replace=options.force,
+                                    max_shard_bytes=options.max_shard_bytes) as writer:
+        with clock.stage("decomposition pass"), writer.stage(f"the {options.method} decomposition"):
             specs, reports = _decomposition_pass(model, calib, options, plan, sensitivity, writer)
         with clock.stage("write"):
             for name in model.non_layer_tensor_names():
-                writer.add(name, model.tensors.get(name))
-            writer.finish()
-            block = _moe_svd_block(model, options, specs, calib)
-            config = dict(model.raw_config)
-            config["architectures"] = _plugin_architectures(config)
-            config[CONFIG_KEY] = block.to_dict()
-            write_config(tmp, config)
-            copy_side_files(model.model_dir, tmp)
+                writer.add(name, model.tensors.get(name), stage=COPIED)
+            block = writer.finish(method=options.method, layers=specs, options=options.recorded(),
+                                  calibration=calib.info, side_files_from=model.model_dir)
         summary = _summary(model, options, plan, block, calib)
-        write_reports(tmp, summary, reports, clock.stages)
+        write_reports(writer.directory, summary, reports, clock.stages)
     logger.info("wrote %s: ratio %.4f, decomposed layers %s", out_dir, block.params.ratio,
                 block.decomposed_layers)
     return out_dir
 
 
 def _decomposition_pass(model: LayerwiseModel, calib: CalibrationSet, options: CompressionOptions, plan: Plan,
-                        sensitivity: dict[int, LayerSensitivity] | None, writer: ShardedSafetensorsWriter
+                        sensitivity: dict[int, LayerSensitivity] | None, writer: CompressedCheckpointWriter
                         ) -> tuple[dict[str, LayerSpec], list[LayerReport]]:
     stream = _embed(model, calib, options.batch_size)
     last_needed = max(plan.ranks)
@@ -731,29 +718,6 @@ def _layer_report(index: int, score: float | None, sensitivity: dict[int, LayerS
         relative_error=result.relative_error if result else None,
         params_dense=dense,
         params_compressed=decomposed_layer_params(result.spec, dims) if result else dense)
-
-
-def _plugin_architectures(config: dict) -> list[str]:
-    original = config.get("architectures") or []
-    unknown = [a for a in original if a not in PLUGIN_ARCHITECTURES]
-    if not original or unknown:
-        raise OptionsError(f"architectures {original} of config.json have no MoE-SVD plugin class; "
-                           f"supported: {sorted(PLUGIN_ARCHITECTURES)}")
-    return [PLUGIN_ARCHITECTURES[a] for a in original]
-
-
-def _moe_svd_block(model: LayerwiseModel, options: CompressionOptions, specs: dict[str, LayerSpec],
-                   calib: CalibrationSet) -> MoESVDConfig:
-    dims = model.dims
-    dense = dense_layer_params(dims) * len(model.moe_layers)
-    compressed = dense + sum(decomposed_layer_params(s, dims) - dense_layer_params(dims) for s in specs.values())
-    block = MoESVDConfig(
-        format_version=FORMAT_VERSION, method=options.method,
-        original_architectures=list(model.raw_config.get("architectures") or []),
-        layers=specs, params=ParamCounts(expert_dense=dense, expert_compressed=compressed),
-        options=options.recorded(), calibration=calib.info)
-    # round-trip through JSON and the strict reader: what we write is what the plugin accepts
-    return MoESVDConfig.from_dict(json.loads(json.dumps(block.to_dict())))
 
 
 def _summary(model: LayerwiseModel, options: CompressionOptions, plan: Plan, block: MoESVDConfig,

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from moesvd_vllm.format.schema import read_moe_svd_config
-from offline.expert_tensors import torch_dtype
+from moesvd_vllm.format.safetensors_io import torch_dtype
 from offline.reference import load_reference_model
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,44 +35,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from moesvd_vllm.architectures import PLUGIN_ARCHITECTURES, MoEDims, moe_dims, moe_layer_indices, moe_layout
-
-from moesvd_vllm.format.schema import (
-
-    CONFIG_KEY,
-
-    FORMAT_VERSION,
-
-    RANK_MULTIPLE,
-
-    LayerSpec,
-
-    MoESVDConfig,
-
-    ParamCounts,
-
-    SchemaError,
-
-    decomposed_layer_params,
-
-    dense_layer_params,
-
-    expected_layer_tensors,
-
-)
+from moesvd_vllm.architectures import MoEDims, moe_dims, moe_layer_indices, moe_layout
+from moesvd_vllm.format.safetensors_io import DEFAULT_MAX_SHARD_BYTES, read_config, torch_dtype, write_checkpoint
+from moesvd_vllm.format.schema import CONFIG_KEY, RANK_MULTIPLE, LayerSpec, SchemaError
+from moesvd_vllm.format.writer import COPIED, CompressedCheckpointWriter
 from offline.expert_tensors import (
     CheckpointTensors,
     LayerExperts,
-    ShardedSafetensorsWriter,
-    atomic_output_dir,
-    copy_side_files,
-    dtype_name,
     moe_prefix,
     per_expert_names,
-    read_config,
     read_layer_experts,
-    torch_dtype,
-    write_config,
 )
 
 logger = logging.getLogger(__name__)
@@ -94,7 +66,7 @@ class FullRankOptions:
     layers: tuple[int, ...] | None = None  # MoE layers to convert (None: all); others stay dense
     bank_maps: dict[int, tuple[int, ...]] | None = None  # layer -> expert-to-bank map (None: identity)
     seed: int = 0
-    max_shard_bytes: int = 2 * 1024**3
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "FullRankOptions":
@@ -209,17 +181,6 @@ def _layer_spec(options: FullRankOptions, dims: MoEDims, layer_index: int) -> La
     return spec
 
 
-def _plugin_architectures(config: dict) -> list[str]:
-    original = config.get("architectures") or []
-    if not original:
-        raise ValueError("config.json has no `architectures`; cannot name the plugin architecture")
-    unknown = [a for a in original if a not in PLUGIN_ARCHITECTURES]
-    if unknown:
-        raise ValueError(f"architectures {unknown} have no plugin counterpart; supported: "
-                         f"{sorted(PLUGIN_ARCHITECTURES)}")
-    return [PLUGIN_ARCHITECTURES[a] for a in original]
-
-
 def _selected_layers(config: dict, layers: Sequence[int] | None) -> list[int]:
     moe_layers = moe_layer_indices(config)
     if layers is None:
@@ -230,20 +191,11 @@ def _selected_layers(config: dict, layers: Sequence[int] | None) -> list[int]:
     return sorted(set(int(layer) for layer in layers))
 
 
-def _check_written_layer(model_type: str, layer_index: int, spec: LayerSpec, dims: MoEDims,
-                         model_dtype: str, written: dict[str, torch.Tensor]) -> None:
-    expected = expected_layer_tensors(model_type, layer_index, spec, dims, model_dtype)
-    got = {name: (tuple(t.shape), dtype_name(t.dtype)) for name, t in written.items()}
-    if got != expected:
-        diff = sorted(set(got.items()) ^ set(expected.items()))[:4]
-        raise AssertionError(f"layer {layer_index}: written tensors differ from the schema: {diff}")
-
-
 def write_full_rank_checkpoint(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                                form: str = "shared_basis", basis: str = "identity",
                                bank_map: BankMapArg = None, basis_dtype: str = "float32",
                                layers: Sequence[int] | None = None, seed: int = 0,
-                               overwrite: bool = False, max_shard_bytes: int = 2 * 1024**3) -> Path:
+                               overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write an exactly equivalent compressed checkpoint of `dense_dir` to `out_dir` (see module doc).
 
     `bank_map`: one expert->bank list for every converted layer, or a dict layer -> list; the result then
@@ -260,14 +212,12 @@ def write_full_rank_checkpoint(dense_dir: str | os.PathLike, out_dir: str | os.P
                               bank_maps=normalize_bank_maps(bank_map, selected), seed=seed,
                               max_shard_bytes=max_shard_bytes)
     options.validate()
-    architectures = _plugin_architectures(config)
     tensors = CheckpointTensors(dense_dir)
     generator = torch.Generator().manual_seed(seed)
     specs: dict[str, LayerSpec] = {}
     consumed: set[str] = set()
     out_dir = Path(out_dir)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
+    with CompressedCheckpointWriter(config, out_dir, replace=overwrite, max_shard_bytes=max_shard_bytes) as writer:
         for layer_index in tqdm(selected, desc="full-rank layers", disable=len(selected) < 8):
             experts = read_layer_experts(tensors, model_type, layer_index, dims)
             consumed.update(experts.source_names)
@@ -277,47 +227,43 @@ def write_full_rank_checkpoint(dense_dir: str | os.PathLike, out_dir: str | os.P
                 written = shared_basis_tensors(experts, model_type, layer_index, spec, projection)
             else:
                 written = per_expert_tensors(experts, model_type, layer_index, spec.rank, basis, generator)
-            _check_written_layer(model_type, layer_index, spec, dims, dtype_name(experts.gate.dtype),
-                                 written)
             for name, tensor in written.items():
-                writer.add(name, tensor)
+                writer.add(name, tensor, stage=f"the full-rank {form} conversion")
             specs[str(layer_index)] = spec
         for name in tensors.names():
             if name not in consumed:
-                writer.add(name, tensors.get(name))
-        writer.finish()
-        config_out = dict(config)
-        config_out["architectures"] = architectures
-        config_out[CONFIG_KEY] = _moe_svd_block(config, dims, specs, options)
-        write_config(tmp, config_out)
-        copy_side_files(dense_dir, tmp)
+                writer.add(name, tensors.get(name), stage=COPIED)
+        writer.finish(method=METHOD, layers=specs, side_files_from=dense_dir,
+                      options={"form": options.form, "basis": options.basis, "seed": options.seed,
+                               "basis_dtype": options.basis_dtype})
     logger.info("wrote %s checkpoint (%s basis, %d layers) to %s", form, basis, len(specs), out_dir)
     return out_dir
 
 
-def _moe_svd_block(config: dict, dims: MoEDims, specs: dict[str, LayerSpec],
-                   options: FullRankOptions) -> dict[str, Any]:
-    moe_layers = moe_layer_indices(config)
-    dense = dense_layer_params(dims) * len(moe_layers)
-    compressed = sum(decomposed_layer_params(specs[str(layer)], dims) if str(layer) in specs
-                     else dense_layer_params(dims) for layer in moe_layers)
-    block = MoESVDConfig(
-        format_version=FORMAT_VERSION,
-        method=METHOD,
-        original_architectures=list(config["architectures"]),
-        layers=specs,
-        params=ParamCounts(expert_dense=dense, expert_compressed=compressed),
-        options={"form": options.form, "basis": options.basis, "seed": options.seed,
-                 "basis_dtype": options.basis_dtype},
-    ).to_dict()
-    MoESVDConfig.from_dict(block)  # the block we write must read back
-    return block
+def _expanded_tensors(tensors: CheckpointTensors, model_type: str, dims: MoEDims, selected: Sequence[int],
+                      maps: Mapping[int, Sequence[int]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The bank-expanded experts of the `selected` layers (per-expert Hub names), then every other tensor."""
+    consumed: set[str] = set()
+    for layer_index in selected:
+        experts = read_layer_experts(tensors, model_type, layer_index, dims)
+        consumed.update(experts.source_names)
+        layer_map = list(maps.get(layer_index, range(dims.num_experts)))
+        LayerSpec("shared_basis", RANK_MULTIPLE, dims.num_experts, layer_map).validate(
+            f"bank_map of layer {layer_index}")
+        representatives = bank_representatives(layer_map)
+        for expert in range(dims.num_experts):
+            source = representatives[layer_map[expert]]
+            gate, up, down = per_expert_names(model_type, layer_index, expert)
+            yield gate, experts.gate[source].clone()
+            yield up, experts.up[source].clone()
+            yield down, experts.down[source].clone()
+    yield from ((name, tensors.get(name)) for name in tensors.names() if name not in consumed)
 
 
 def write_expanded_dense_checkpoint(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                                     bank_map: BankMapArg, layers: Sequence[int] | None = None,
                                     overwrite: bool = False,
-                                    max_shard_bytes: int = 2 * 1024**3) -> Path:
+                                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """The dense checkpoint in which every expert e holds the weights of its bank's representative.
 
     Same architecture and names as `dense_dir` (experts written with per-expert Hub names); equals the
@@ -331,29 +277,9 @@ def write_expanded_dense_checkpoint(dense_dir: str | os.PathLike, out_dir: str |
     selected = _selected_layers(config, layers)
     maps = normalize_bank_maps(bank_map, selected) or {}
     tensors = CheckpointTensors(dense_dir)
-    consumed: set[str] = set()
     out_dir = Path(out_dir)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
-        for layer_index in selected:
-            experts = read_layer_experts(tensors, model_type, layer_index, dims)
-            consumed.update(experts.source_names)
-            layer_map = list(maps.get(layer_index, range(dims.num_experts)))
-            LayerSpec("shared_basis", RANK_MULTIPLE, dims.num_experts, layer_map).validate(
-                f"bank_map of layer {layer_index}")
-            representatives = bank_representatives(layer_map)
-            for expert in range(dims.num_experts):
-                source = representatives[layer_map[expert]]
-                gate, up, down = per_expert_names(model_type, layer_index, expert)
-                writer.add(gate, experts.gate[source].clone())
-                writer.add(up, experts.up[source].clone())
-                writer.add(down, experts.down[source].clone())
-        for name in tensors.names():
-            if name not in consumed:
-                writer.add(name, tensors.get(name))
-        writer.finish()
-        write_config(tmp, config)
-        copy_side_files(dense_dir, tmp)
+    write_checkpoint(out_dir, config, _expanded_tensors(tensors, model_type, dims, selected, maps),
+                     side_files_from=dense_dir, replace=overwrite, max_shard_bytes=max_shard_bytes)
     logger.info("wrote bank-expanded dense checkpoint to %s", out_dir)
     return out_dir
 

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from moesvd_vllm.architectures import MoEDims, module_moe_block, moe_dims, moe_layer_indices, moe_layout
-from offline.checkpoint_io import CheckpointError, disk_name, layer_state_dict, verify_shards
-from offline.expert_tensors import CheckpointTensors, read_config, read_fused_experts
+from moesvd_vllm.format.safetensors_io import read_config, verify_weight_files
+from offline.checkpoint_io import CheckpointError, disk_name, layer_state_dict
+from offline.expert_tensors import CheckpointTensors, read_fused_experts
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class LayerwiseModel:
         self.raw_config = read_config(self.model_dir)
         self.model_type = self.raw_config.get("model_type", "")
         moe_layout(self.model_type)  # unknown / non-MoE architectures fail here with a clear message
-        verify_shards(self.model_dir)
+        verify_weight_files(self.model_dir)
         self.tensors = CheckpointTensors(self.model_dir)
         self.dims: MoEDims = moe_dims(self.raw_config)
         self.moe_layers: list[int] = moe_layer_indices(self.raw_config)

@@ -19,8 +19,9 @@ and the routing-weighted sum over the selected experts is taken in the rank spac
 (B is linear, so this equals applying B per expert). A per_expert layer computes
 W_e x ~= lora_b (lora_a x) for each of gate, up and down.
 
-Every decomposed layer's tensors are checked against `schema.expected_layer_tensors` first; a missing,
-unexpected or wrongly shaped tensor fails with an error naming the layer and the tensor.
+Every decomposed layer's tensors are checked first, from the safetensors headers, by the validator the
+plugin loads with (`moesvd_vllm.format.validator`); a missing, unexpected, wrongly shaped or typed tensor
+fails with an error naming the layer and the tensor.
 """
 
 from __future__ import annotations
@@ -43,41 +44,29 @@ from moesvd_vllm.architectures import (
     moe_layer_indices,
     moe_layout,
 )
+from moesvd_vllm.errors import CheckpointError
+from moesvd_vllm.format.safetensors_io import read_config, torch_dtype, write_checkpoint
 
 from moesvd_vllm.format.schema import (
-
     CONFIG_KEY,
-
     LayerSpec,
-
     MoESVDConfig,
-
     SchemaError,
-
     expected_layer_tensors,
-
     read_moe_svd_config,
-
 )
+from moesvd_vllm.format.validator import validate_checkpoint_files
 from offline.expert_tensors import (
     CheckpointTensors,
-    ShardedSafetensorsWriter,
-    atomic_output_dir,
-    copy_side_files,
     moe_prefix,
     per_expert_names,
-    read_config,
     read_layer_experts,
-    torch_dtype,
-    write_config,
 )
 
 logger = logging.getLogger(__name__)
 
 ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
 
-class CheckpointError(ValueError):
-    """A compressed checkpoint's tensors do not match its `moe_svd` block."""
 
 
 def combine_selected_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -222,11 +211,8 @@ def _load_compressed(model_dir: Path, block: MoESVDConfig, dtype: torch.dtype,
     raw_config = read_config(model_dir)
     model_type = raw_config["model_type"]
     dims = moe_dims(raw_config)
-    _check_decomposed_layers_are_moe(raw_config, block)
+    validate_checkpoint_files(model_dir, raw_config, block)
     tensors = CheckpointTensors(model_dir)
-    model_dtype = _declared_model_dtype(raw_config)
-    for layer_index in block.decomposed_layers:
-        validate_layer_tensors(tensors, model_type, layer_index, block.layer(layer_index), dims, model_dtype)
 
     config = original_config(model_dir)
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
@@ -248,49 +234,6 @@ def _load_compressed(model_dir: Path, block: MoESVDConfig, dtype: torch.dtype,
     logger.info("reference model for %s: %s, %d decomposed layer(s)", model_dir, block.method,
                 len(block.decomposed_layers))
     return model
-
-
-def _declared_model_dtype(config: dict) -> str | None:
-    declared = config.get("dtype") or config.get("torch_dtype")
-    return None if declared is None else str(declared).removeprefix("torch.")
-
-
-def _check_decomposed_layers_are_moe(config: dict, block: MoESVDConfig) -> None:
-    moe_layers = set(moe_layer_indices(config))
-    dims = moe_dims(config)
-    for layer_index in block.decomposed_layers:
-        if layer_index not in moe_layers:
-            raise CheckpointError(f"{CONFIG_KEY}.layers.{layer_index}: layer {layer_index} is not a MoE layer "
-                                  f"of this model (MoE layers: {sorted(moe_layers)})")
-        spec = block.layer(layer_index)
-        if spec.num_experts != dims.num_experts:
-            raise CheckpointError(f"{CONFIG_KEY}.layers.{layer_index}.num_experts is {spec.num_experts}, "
-                                  f"config.json says {dims.num_experts} routed experts")
-
-
-def validate_layer_tensors(tensors: CheckpointTensors, model_type: str, layer_index: int, spec: LayerSpec,
-                           dims: MoEDims, model_dtype: str | None) -> None:
-    """Every tensor the schema expects is stored with its shape (and dtype); nothing else under experts."""
-    expected = expected_layer_tensors(model_type, layer_index, spec, dims, model_dtype or "")
-    where = f"{tensors.model_dir}: layer {layer_index} ({spec.form}, rank {spec.rank})"
-    missing = sorted(name for name in expected if name not in tensors)
-    if missing:
-        raise CheckpointError(f"{where}: missing tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
-                              "the checkpoint is incomplete or does not match its moe_svd block: re-compress")
-    prefix = moe_prefix(model_type, layer_index)
-    owned = [n for n in tensors.names()
-             if n.startswith(f"{prefix}.experts.") or n.startswith(f"{prefix}.moe_svd_")]
-    unexpected = sorted(set(owned) - set(expected))
-    if unexpected:
-        raise CheckpointError(f"{where}: unexpected tensor(s) {unexpected[:4]}"
-                              f"{' ...' if len(unexpected) > 4 else ''} not described by the moe_svd block")
-    for name, (shape, dtype) in expected.items():
-        stored = tensors.shape(name)
-        if stored != tuple(shape):
-            raise CheckpointError(f"{where}: tensor {name} has shape {list(stored)}, expected {list(shape)}")
-        if model_dtype is not None and tensors.dtype(name) != dtype:
-            raise CheckpointError(f"{where}: tensor {name} is stored as {tensors.dtype(name)}, the schema "
-                                  f"expects {dtype}")
 
 
 def _moe_block(model: PreTrainedModel, layer_index: int) -> nn.Module:
@@ -406,11 +349,11 @@ def expand_to_dense_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.
         return {name: tensors.get(name) for name in tensors.names()}
     raw_config = read_config(model_dir)
     model_type, dims = raw_config["model_type"], moe_dims(raw_config)
+    validate_checkpoint_files(model_dir, raw_config, block)
     out: dict[str, torch.Tensor] = {}
     consumed: set[str] = set()
     for layer_index in block.decomposed_layers:
         spec = block.layer(layer_index)
-        validate_layer_tensors(tensors, model_type, layer_index, spec, dims, None)
         experts, names = _build_compressed_experts(tensors, model_type, layer_index, spec, dims,
                                                    nn.SiLU(), torch.float64)
         consumed.update(names)
@@ -438,12 +381,5 @@ def write_dense_equivalent_checkpoint(model_dir: str | os.PathLike, out_dir: str
     if block is not None:
         config["architectures"] = list(MoESVDConfig.from_dict(block).original_architectures)
     state = expand_to_dense_state_dict(model_dir)
-    out_dir = Path(out_dir)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        writer = ShardedSafetensorsWriter(tmp)
-        for name in sorted(state):
-            writer.add(name, state[name])
-        writer.finish()
-        write_config(tmp, config)
-        copy_side_files(model_dir, tmp)
-    return out_dir
+    return write_checkpoint(out_dir, config, ((name, state[name]) for name in sorted(state)),
+                            side_files_from=model_dir, replace=overwrite)

@@ -1,28 +1,25 @@
 """The files of a checkpoint directory: the one place that reads and writes safetensors and its neighbours.
 
 * dtypes: one table, schema name ("bfloat16") <-> safetensors code ("BF16") <-> torch dtype (lazily);
-* headers: `tensor_infos(path)` lists (name, shape, dtype) with `safetensors.safe_open`, which refuses a
-  truncated or damaged file (never parsed by hand here); `verify_weight_files` opens every shard once;
+* headers: `tensor_infos(path)` via `safetensors.safe_open` (no torch), which refuses a truncated file;
 * shards: `weight_files(model_dir)` (the index's files, else `*.safetensors`), `tensor_files` (name -> file);
-* `ShardedSafetensorsWriter`: shards + index, every added tensor spilled to disk at once;
+* writing: `ShardedSafetensorsWriter` (shards + index, tensors spilled to disk at once), `write_streaming`
+  (one file of known shapes, each tensor made when written), `write_checkpoint` (a plain checkpoint);
 * `atomic_directory`: a hidden `.NAME.<random>.partial` sibling that becomes NAME only when the block
-  succeeds; an error, Ctrl-C or SIGTERM removes it, so a half-written checkpoint never looks complete;
-* config.json and side files (tokenizer, generation config) of a Hugging Face directory.
-
-Reading headers needs no torch (safe_open's numpy framework); torch is imported only to write tensors.
+  succeeds (an error, Ctrl-C or SIGTERM removes it); config.json and side files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from safetensors import SafetensorError, safe_open
 
@@ -32,7 +29,6 @@ if TYPE_CHECKING:
     import torch
 
 INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 PARTIAL_SUFFIX = ".partial"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -64,8 +60,8 @@ def safetensors_code(dtype: Any) -> str:
                               f"{sorted(DTYPES)}") from None
 
 
-def element_size(dtype: Any) -> int:
-    return DTYPES[dtype_name(dtype)][1]
+def tensor_nbytes(shape: Sequence[int], dtype: Any) -> int:
+    return math.prod(shape) * DTYPES[dtype_name(dtype)][1]
 
 
 def torch_dtype(dtype: "str | torch.dtype", allowed: tuple[str, ...] = FLOAT_DTYPES) -> "torch.dtype":
@@ -86,12 +82,6 @@ class TensorInfo(NamedTuple):
     dtype: str  # schema name, e.g. "bfloat16"
 
 
-def _damaged(path: Path, error: Exception) -> CheckpointError:
-    return CheckpointError(
-        f"{path}: safetensors cannot read this file ({error}): it is truncated or damaged; re-download, "
-        "re-copy or re-create the checkpoint")
-
-
 @contextlib.contextmanager
 def open_safetensors(path: str | os.PathLike, framework: str = "numpy") -> Iterator[Any]:
     """`safe_open` with a damaged or truncated file reported as a CheckpointError naming the file."""
@@ -101,7 +91,8 @@ def open_safetensors(path: str | os.PathLike, framework: str = "numpy") -> Itera
     try:
         handle = safe_open(str(path), framework=framework)
     except SafetensorError as error:
-        raise _damaged(path, error) from None
+        raise CheckpointError(f"{path}: safetensors cannot read this file ({error}): it is truncated or "
+                              "damaged; re-download, re-copy or re-create the checkpoint") from None
     with handle:
         yield handle
 
@@ -109,17 +100,13 @@ def open_safetensors(path: str | os.PathLike, framework: str = "numpy") -> Itera
 def tensor_infos(path: str | os.PathLike) -> dict[str, TensorInfo]:
     """name -> (shape, dtype) of every tensor in one safetensors file (header only, no tensor data read)."""
     with open_safetensors(path) as handle:
-        out = {}
-        for name in handle.keys():
-            tensor = handle.get_slice(name)
-            out[name] = TensorInfo(tuple(tensor.get_shape()), dtype_name(tensor.get_dtype()))
-        return out
+        slices = {name: handle.get_slice(name) for name in handle.keys()}
+        return {name: TensorInfo(tuple(t.get_shape()), dtype_name(t.get_dtype())) for name, t in slices.items()}
 
 
 def read_weight_map(model_dir: str | os.PathLike) -> dict[str, str] | None:
     """The index's tensor -> file map, or None without an index file."""
-    index = Path(model_dir) / INDEX_FILE
-    if not index.is_file():
+    if not (index := Path(model_dir) / INDEX_FILE).is_file():
         return None
     try:
         return dict(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
@@ -152,8 +139,7 @@ def verify_weight_files(model_dir: str | os.PathLike) -> list[Path]:
     """Every shard exists and safetensors opens it (a truncated download fails here, naming the file)."""
     files = weight_files(model_dir)
     for path in files:
-        with open_safetensors(path):
-            pass
+        tensor_infos(path)
     return files
 
 
@@ -173,10 +159,53 @@ def checkpoint_tensor_infos(model_dir: str | os.PathLike) -> Iterator[tuple[str,
 
 
 # ------------------------------------------------------------------------------------------ writing
-@dataclass
-class _Spilled:
-    """A tensor added to the writer: its bytes wait in the spill file at `offset`."""
+def _header(entries: Iterable[tuple[str, str, Sequence[int], int]], metadata: dict[str, str]) -> bytes:
+    """The JSON header of (name, dtype, shape, bytes) entries stored back to back, padded to 8 bytes."""
+    header: dict = {"__metadata__": metadata}
+    start = 0
+    for name, dtype, shape, size in entries:
+        header[name] = {"dtype": safetensors_code(dtype), "shape": list(shape),
+                        "data_offsets": [start, start + size]}
+        start += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
 
+
+def _tensor_bytes(tensor: "torch.Tensor") -> memoryview:
+    import torch
+
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def write_streaming(path: Path, entries: Sequence[tuple[str, tuple[int, ...]]], dtype: "torch.dtype",
+                    make: Callable[[str], "torch.Tensor"], metadata: dict | None = None,
+                    on_tensor: Callable[[str], None] | None = None) -> int:
+    """Write `entries` (name, shape) of one dtype to one file, `make(name)` called for each in order: the
+    header comes from the shapes, so at most one tensor is alive (a Mixtral-8x7B benchmark layer is ~2.8 GB
+    in bf16). Returns the bytes written; a made tensor of another shape or dtype is refused."""
+    safetensors_code(dtype)
+    sizes = [tensor_nbytes(shape, dtype) for _, shape in entries]
+    header = _header(((name, dtype_name(dtype), shape, size) for (name, shape), size in zip(entries, sizes)),
+                     metadata or {"format": "pt"})
+    written = 0
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for name, shape in entries:
+            tensor = make(name)
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"{name}: made {tuple(tensor.shape)} {tensor.dtype}, header says "
+                                 f"{tuple(shape)} {dtype}")
+            data = _tensor_bytes(tensor)
+            f.write(data)
+            written += data.nbytes
+            del tensor, data
+            if on_tensor is not None:
+                on_tensor(name)
+    return written
+
+
+class _Spilled(NamedTuple):  # an added tensor: its bytes wait in the spill file at `offset`
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -188,12 +217,10 @@ _COPY_CHUNK_BYTES = 64 * 2**20
 
 
 class ShardedSafetensorsWriter:
-    """Writes `model-0000k-of-0000n.safetensors` shards plus the index file.
-
-    Every added tensor goes to a temporary spill file at once, so memory holds none of them (a shard
-    may be 2 GiB, more than a bf16 Qwen3-30B-A3B MoE layer); when a shard is full its header is written
-    and the bytes are copied behind it, ordered as `safetensors.torch.save_file` orders them (larger
-    dtypes first, then by name: every tensor aligned to its element size)."""
+    """Writes `model-0000k-of-0000n.safetensors` shards plus the index file. Every added tensor goes to a
+    spill file at once, so memory holds none of them (a 2 GiB shard is more than a bf16 Qwen3-30B-A3B MoE
+    layer); a full shard gets its header and the bytes behind it, ordered as `safetensors.torch.save_file`
+    orders them (larger dtypes first, then by name: every tensor aligned to its element size)."""
 
     def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
         self.out_dir = Path(out_dir)
@@ -206,8 +233,6 @@ class ShardedSafetensorsWriter:
         self._total_bytes = 0
 
     def add(self, name: str, tensor: "torch.Tensor") -> None:
-        import torch
-
         if name in self._names:
             raise ValueError(f"tensor {name!r} written twice")
         dtype = dtype_name(tensor.dtype)
@@ -218,11 +243,10 @@ class ShardedSafetensorsWriter:
             self._flush()
         if self._spill is None:
             self._spill = open(self._spill_path(), "w+b")
-        data = tensor.detach().cpu().contiguous()
         offset = self._spill.tell()
         if size:
-            self._spill.write(data.reshape(-1).view(torch.uint8).numpy().data)
-        self._pending.append(_Spilled(name, dtype, tuple(data.shape), offset, size))
+            self._spill.write(_tensor_bytes(tensor))
+        self._pending.append(_Spilled(name, dtype, tuple(tensor.shape), offset, size))
         self._names.add(name)
         self._pending_bytes += size
         self._total_bytes += size
@@ -230,20 +254,10 @@ class ShardedSafetensorsWriter:
     def _spill_path(self) -> Path:
         return self.out_dir / f"shard-{len(self._written):05d}.spill.tmp"
 
-    def _header(self, entries: list[_Spilled]) -> bytes:
-        header: dict = {"__metadata__": {"format": "pt"}}
-        start = 0
-        for entry in entries:
-            header[entry.name] = {"dtype": DTYPES[entry.dtype][0], "shape": list(entry.shape),
-                                  "data_offsets": [start, start + entry.size]}
-            start += entry.size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        return raw + b" " * (-len(raw) % 8)
-
     def _flush(self) -> None:
         path = self.out_dir / f"shard-{len(self._written):05d}.tmp"
         entries = sorted(self._pending, key=lambda t: (-DTYPES[t.dtype][1], t.name))
-        header = self._header(entries)
+        header = _header(((t.name, t.dtype, t.shape, t.size) for t in entries), {"format": "pt"})
         with open(path, "wb") as shard:
             shard.write(len(header).to_bytes(8, "little"))
             shard.write(header)
@@ -295,23 +309,23 @@ def check_output_dir(out_dir: str | os.PathLike, replace: bool) -> Path:
     return out_dir
 
 
+def _raise_system_exit(signum, frame):  # noqa: ARG001
+    raise SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
 def _sigterm_as_exception() -> Iterator[None]:
     """Turn SIGTERM into SystemExit while writing, so `finally` blocks remove the partial directory."""
+    previous = signal.getsignal(signal.SIGTERM)
     try:
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def _raise(signum, frame):  # noqa: ARG001
-            raise SystemExit(128 + signum)
-
-        signal.signal(signal.SIGTERM, _raise)
+        signal.signal(signal.SIGTERM, _raise_system_exit)
     except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
+        previous = _raise_system_exit
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not _raise_system_exit:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _usual_permissions(directory: Path) -> None:
@@ -325,11 +339,8 @@ def _usual_permissions(directory: Path) -> None:
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield a hidden partial directory next to `out_dir`; it becomes `out_dir` only if the block succeeds.
-
-    An existing `out_dir` is refused unless `replace`, and then replaced only at the very end, so it
-    survives a failed run. An exception, Ctrl-C or SIGTERM removes the partial directory; after a SIGKILL
-    it stays as `.NAME.<random>.partial`, which never looks like a finished checkpoint.
-    """
+    An existing `out_dir` is refused unless `replace`, and then replaced only at the very end (it survives
+    a failed run). After a SIGKILL `.NAME.<random>.partial` stays, which never looks like a checkpoint."""
     out_dir = check_output_dir(out_dir, replace)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=PARTIAL_SUFFIX, dir=out_dir.parent))
@@ -371,3 +382,19 @@ def copy_side_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> l
         shutil.copy2(path, Path(dst_dir) / path.name)
         copied.append(path.name)
     return copied
+
+
+def write_checkpoint(out_dir: str | os.PathLike, config: dict, tensors: Iterable[tuple[str, "torch.Tensor"]], *,
+                     side_files_from: str | os.PathLike | None = None, replace: bool = False,
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """A plain Hugging Face checkpoint, atomically: the `(name, tensor)` pairs (spilled as they come),
+    config.json and the side files of `side_files_from`."""
+    with atomic_directory(out_dir, replace=replace) as partial:
+        writer = ShardedSafetensorsWriter(partial, max_shard_bytes=max_shard_bytes)
+        for name, tensor in tensors:
+            writer.add(name, tensor)
+        writer.finish()
+        write_config(partial, config)
+        if side_files_from is not None:
+            copy_side_files(side_files_from, partial)
+    return Path(out_dir)

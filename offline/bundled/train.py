@@ -19,11 +19,8 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import platform
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +29,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from moesvd_vllm.format.safetensors_io import atomic_directory
 from offline.bundled.corpus import read_documents
 from offline.bundled.evaluate import END_OF_TEXT, TRAIN_SEQ_LEN, model_nll, split_windows, token_stream
 
@@ -229,29 +227,12 @@ def add_legacy_expert_count(config_path: Path) -> None:
 
 
 def write_model_dir(model, tokenizer: Tokenizer, out: Path, eos_id: int) -> None:
-    """Save the HF directory into a temporary sibling, then swap it into place."""
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    """Save the HF directory into a partial sibling, then swap it into place."""
+    with atomic_directory(out.resolve(), replace=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         write_tokenizer(tokenizer, tmp, model.config.max_position_embeddings)
         write_generation_config(tmp, eos_id)
         add_legacy_expert_count(tmp / "config.json")
-        os.chmod(tmp, 0o755)
-        for path in tmp.iterdir():
-            os.chmod(path, 0o644)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def plot_curve(curve: list[dict], path: Path) -> None:
