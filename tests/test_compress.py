@@ -32,10 +32,11 @@ from moesvd_vllm.format.schema import (
 
 )
 from offline.calibration import CalibrationError
-from offline.checkpoint_io import CheckpointError, OutputExistsError
+from moesvd_vllm.errors import CheckpointError
+from moesvd_vllm.format.safetensors_io import OutputExistsError, read_config
 from offline.compress import CompressionOptions, OptionsError, compress
 from offline.decompose import WhiteningError
-from offline.expert_tensors import CheckpointTensors, read_config
+from offline.expert_tensors import CheckpointTensors
 from offline.sensitivity import RatioError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -232,7 +233,8 @@ def test_gram_beyond_repair_is_rejected(tiny_model_dir, tmp_path):
     path = model / "model.safetensors"
     with safe_open(path, framework="pt") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-    tensors["model.layers.0.self_attn.o_proj.weight"][0, 0] = float("nan")
+    # an expert the method replaces (never copied): its intermediate activations, hence its Gram, are NaN
+    tensors["model.layers.0.mlp.experts.0.gate_proj.weight"][0, 0] = float("nan")
     save_file(tensors, str(path), metadata={"format": "pt"})
     before = _entries(tmp_path)
     with pytest.raises(WhiteningError, match="layer 0 .*NaN"):

@@ -31,7 +31,8 @@ from moesvd_vllm.format.schema import (
     read_moe_svd_config,
 
 )
-from offline.expert_tensors import CheckpointTensors, read_config
+from moesvd_vllm.format.safetensors_io import read_config
+from offline.expert_tensors import CheckpointTensors
 from offline.fixtures.tiny import TINY_ARCHS, build_tiny_checkpoint
 from offline.full_rank import write_expanded_dense_checkpoint, write_full_rank_checkpoint
 from offline.reference import (
@@ -248,7 +249,7 @@ def _truncate_rank(rank: int):
 def test_missing_tensor_is_named(full_rank_qwen, workdir):
     name = "model.layers.2.mlp.experts.5.up_proj.weight"
     broken = _edited_copy(full_rank_qwen, workdir / "missing", lambda t, c: t.pop(name))
-    with pytest.raises(CheckpointError, match=r"layer 2 .*missing tensor.*experts\.5\.up_proj"):
+    with pytest.raises(CheckpointError, match=r"decoder layer 2: tensor\(s\) .*experts\.5\.up_proj\.weight missing"):
         load_reference_model(broken)
 
 
@@ -256,7 +257,8 @@ def test_wrong_shape_is_named(full_rank_qwen, workdir):
     name = "model.layers.1.mlp.moe_svd_out.weight"
     broken = _edited_copy(full_rank_qwen, workdir / "shape",
                           lambda t, c: t.__setitem__(name, t[name][:, :32].clone()))
-    with pytest.raises(CheckpointError, match=r"layer 1 .*moe_svd_out\.weight has shape \[128, 32\]"):
+    with pytest.raises(CheckpointError, match=r"decoder layer 1, tensor .*moe_svd_out\.weight: "
+                                              r"shape \[128, 32\] .*expected \[128, 128\]"):
         load_reference_model(broken)
 
 
@@ -265,7 +267,7 @@ def test_unexpected_tensor_is_named(full_rank_qwen, workdir):
     extra = "model.layers.0.mlp.experts.9.gate_proj.weight"  # a bank the map does not use
     broken = _edited_copy(full_rank_qwen, workdir / "unexpected",
                           lambda t, c: t.__setitem__(extra, t[name].clone()))
-    with pytest.raises(CheckpointError, match=r"layer 0 .*unexpected.*experts\.9\.gate_proj"):
+    with pytest.raises(CheckpointError, match=r"decoder layer 0, tensor .*experts\.9\.gate_proj\.weight: unexpected"):
         load_reference_model(broken)
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from offline.expert_tensors import INDEX_FILE, CheckpointTensors, ShardedSafetensorsWriter
+from moesvd_vllm.format.safetensors_io import INDEX_FILE, ShardedSafetensorsWriter
+from offline.expert_tensors import CheckpointTensors
 
 
 def _tensors() -> dict[str, torch.Tensor]:
