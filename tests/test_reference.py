@@ -343,3 +343,36 @@ def test_fused_expert_tensors_are_read(dense_dirs, workdir, input_ids, dense_log
     full = write_full_rank_checkpoint(fused, workdir / "fused-full", basis="orthogonal")
     assert "model.layers.0.mlp.moe_svd_in.weight" in CheckpointTensors(full).names()
     assert _max_diff(dense, _logits(full, input_ids)) <= _tolerance(dense)
+
+
+# ---- architectures with their own routers, compressed by the real compressor ----------------------
+
+ROUTER_ARCHS = ["deepseek_v3", "glm4_moe"]  # sigmoid scores, grouped choice, correction bias, scaling
+COMPRESS_CALIB = Path(__file__).resolve().parent.parent / "offline" / "bundled" / "kjv_text" / "validation.txt"
+
+
+@pytest.mark.parametrize("method,ratio,ratio_tolerance", [
+    ("moe-svd-stacked", 0.3, 0.01),
+    pytest.param("moe-svd", 0.33, 0.05, marks=pytest.mark.slow),  # U-trimming: coarse ratio steps
+])
+@pytest.mark.parametrize("arch", ROUTER_ARCHS)
+def test_compressed_checkpoint_of_a_routed_architecture_is_evaluated_by_the_reference(
+        arch, method, ratio, ratio_tolerance, dense_dirs, workdir, input_ids, dense_logits):
+    """`compress` calibrates through the architecture's own block, and the reference (the original block
+    with only `experts` replaced) computes what plain transformers computes on the expanded dense
+    equivalent: routing, correction bias, scaling and shared experts stay the block's own."""
+    from offline.compress import CompressionOptions, compress
+    from offline.eval_ppl import evaluate_perplexity
+
+    options = CompressionOptions(ratio=ratio, calib=str(COMPRESS_CALIB), method=method, num_samples=8,
+                                 seq_len=32, batch_size=4, intermediate_step=8, ratio_tolerance=ratio_tolerance)
+    out = compress(dense_dirs[arch], workdir / f"compressed-{arch}-{method}", options)
+    block = read_moe_svd_config(out)
+    assert block.decomposed_layers and abs(block.params.ratio - ratio) <= ratio_tolerance
+    reference = _logits(out, input_ids)
+    assert torch.isfinite(reference).all()
+    expanded = write_dense_equivalent_checkpoint(out, workdir / f"compressed-{arch}-{method}-expanded")
+    assert _max_diff(reference, _logits(expanded, input_ids)) <= _tolerance(reference)
+    assert _max_diff(reference, dense_logits(arch)) > WRONG_BY  # the experts did change
+    ppl = evaluate_perplexity(out, TEXT, seq_len=64, max_tokens=256)
+    assert math.isfinite(ppl.ppl) and ppl.ppl > 1.0
