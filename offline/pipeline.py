@@ -1,38 +1,50 @@
-"""The layer-sequential calibration pipeline: one decoder layer in memory, its statistics, the method's hooks.
+"""The compressor: `compress(model_dir, out_dir, options) -> Path`, a layer-sequential calibration pipeline
+that calls the chosen method's hooks (offline/methods/) with one decoder layer in memory.
 
 The calibration windows are embedded once; then, layer by layer, the layer is built from the checkpoint
-(offline/layerwise.py), run on every batch with hooks that collect its routed experts' statistics
-(offline/calibration.py), handed to the method, and its outputs become the next layer's inputs
-(llm-compressor's sequential pipeline). Two such passes:
-
-* the sensitivity pass (methods that select layers): f_i (Eq. 9), r_i and a_i (Eq. 10) per expert and S_L
-  (Eq. 4) per MoE layer, dense outputs passed on;
-* the compression pass: for a planned layer its routed inputs are kept, `CompressionMethod.compress_layer`
-  decomposes it and, with `propagate="compressed"`, the layer's outputs are recomputed from what the
-  checkpoint computes before they are passed on.
-
-Between them the plan (`make_plan`) picks each layer's shape from the method's candidate shapes.
+(offline/layerwise.py, in the checkpoint's dtype when it is bf16, else float32), run on every batch with
+hooks that collect its routed experts' statistics (offline/calibration.py), handed to the method, and its
+outputs become the next layer's inputs (llm-compressor's sequential pipeline). The stages, each timed with
+its peak RSS in report.md/json:
+1. calibration data: tokenized and sampled (offline.calibration);
+2. sensitivity pass (methods that select layers): f_i (Eq. 9), r_i and a_i (Eq. 10) per expert and S_L
+   (Eq. 4) per MoE layer, dense outputs passed on;
+3. plan: which layers are compressed and to which shapes, from the method's candidate shapes and
+   parameter counts (`make_plan`, offline.sensitivity);
+4. decomposition pass: for a planned layer its routed inputs and router choices are kept, the method's
+   `compress_layer` compresses it expert by expert and hands each tensor to the writer (spilled to disk)
+   and, with `propagate="compressed"`, the layer's outputs are recomputed from what the checkpoint
+   computes before they are passed on;
+5. write: the format writer (moesvd_vllm.format.writer) checks every tensor against the `moe_svd` block,
+   writes shards, index, config.json and side files atomically; then the reports.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from moesvd_vllm.format.schema import decomposed_layer_params, dense_layer_params, expected_layer_tensors
+from moesvd_vllm.architectures import require_servable
+from moesvd_vllm.format.safetensors_io import check_output_dir
+from moesvd_vllm.format.schema import LayerSpec, decomposed_layer_params, dense_layer_params, expected_layer_tensors
+from moesvd_vllm.format.writer import COPIED, CompressedCheckpointWriter
 from offline import decompose as dec
-from offline.calibration import CalibrationSet, ExpertStatistics, ExpertStatisticsHook
+from offline.calibration import CalibrationSet, ExpertStatistics, ExpertStatisticsHook, load_calibration
+from offline.checkpoint_io import expert_tensor_names
 from offline.compression_options import CompressionOptions
 from offline.expert_tensors import LayerExperts
 from offline.heap import release_free_heap
 from offline.layerwise import LayerInputs, LayerwiseModel
 from offline.methods import CompressedLayer, LayerWork, TensorSink
 from offline.methods.experts import layer_experts
+from offline.report import LayerReport, StageClock, compression_summary, layer_report, write_reports
 from offline.sensitivity import (
     LayerShape,
     Plan,
@@ -182,3 +194,90 @@ def decompose_layer(model: LayerwiseModel, index: int, layer: nn.Module, stats: 
         raise AssertionError(f"layer {index}: written tensors differ from the schema: "
                              f"{sorted(set(result.written) ^ set(expected))[:4]} ...")
     return result
+
+
+# ------------------------------------------------------------------------------------------ decomposition pass
+def _copy_layer_tensors(model: LayerwiseModel, writer: CompressedCheckpointWriter, index: int,
+                        replaced: set[str]) -> None:
+    for name in model.layer_tensor_names(index):
+        if name not in replaced:
+            writer.add(name, model.tensors.get(name), stage=COPIED)
+
+
+def decomposition_pass(model: LayerwiseModel, calib: CalibrationSet, options: CompressionOptions, plan: Plan,
+                       sensitivity: dict[int, LayerSensitivity] | None, writer: CompressedCheckpointWriter
+                       ) -> tuple[dict[str, LayerSpec], list[LayerReport]]:
+    """Every layer's tensors to `writer`: planned layers compressed by the method, the others copied; the
+    layers after the last planned one are not run."""
+    stream = embed_calibration(model, calib, options.batch_size)
+    last_needed = max(plan.ranks)
+    specs: dict[str, LayerSpec] = {}
+    reports: list[LayerReport] = []
+    dense = dense_layer_params(model.dims)
+    for index in tqdm(range(model.num_layers), desc=f"{options.method} decomposition", disable=None):
+        score = sensitivity[index].score if sensitivity and index in sensitivity else None
+        measured = sensitivity.get(index) if sensitivity else None
+        if index not in plan.ranks:
+            _copy_layer_tensors(model, writer, index, set())
+            if index <= last_needed:
+                stream.hidden = run_layer(model, model.build_layer(index), index, stream, None, f"layer {index}")
+            if index in model.moe_layers:
+                reports.append(layer_report(index, score, measured, None, dense, model.dims))
+            continue
+        release_free_heap()
+        layer = model.build_layer(index)
+        stats, outputs = collect_statistics(model, layer, index, stream, True, f"layer {index} grams",
+                                            options.routing_weighted)
+        write_back = options.propagate == "compressed" and index < last_needed
+        replaced = set(expert_tensor_names(model.tensors, model.model_type, index, model.dims.num_experts))
+        _copy_layer_tensors(model, writer, index, replaced)
+        result = decompose_layer(model, index, layer, stats, plan.shapes[index], options, score, writer.add,
+                                 write_back)
+        del stats  # the routed inputs
+        logger.info("layer %d: rank %d, banks %d, relative errors %s", index, result.spec.rank,
+                    result.spec.num_banks, {k: round(v, 5) for k, v in result.relative_error.items()})
+        specs[str(index)] = result.spec
+        reports.append(layer_report(index, score, measured, result, dense, model.dims))
+        if write_back:  # the layer now computes what the checkpoint computes: pass its outputs on
+            del outputs
+            outputs = run_layer(model, layer, index, stream, None, f"layer {index} compressed")
+        stream.hidden = outputs
+        del layer, result
+    return specs, reports
+
+
+# ------------------------------------------------------------------------------------------ compress
+def compress(model_dir: str | os.PathLike, out_dir: str | os.PathLike, options: CompressionOptions) -> Path:
+    """Compress `model_dir` into a new checkpoint at `out_dir` (the stages of the module docstring)."""
+    torch.manual_seed(options.seed)
+    out_dir = check_output_dir(out_dir, options.force)
+    clock = StageClock()
+    model = LayerwiseModel(model_dir)
+    require_servable(model.model_type, offline_only=not options.method_class.servable)
+    with clock.stage("calibration data"):
+        calib = load_calibration(options.calib, model_dir, options.num_samples, options.seq_len, options.seed)
+    logger.info("calibration: %d x %d tokens from %s (sha256 %s)", calib.info.num_samples,
+                calib.info.seq_len, calib.info.source, calib.info.sha256[:12])
+    sensitivity = None
+    if options.effective_selection == "sensitivity":
+        with clock.stage("sensitivity pass"):
+            sensitivity = sensitivity_pass(model, calib, options)
+    with clock.stage("plan"):
+        plan = make_plan(model, options, sensitivity)
+    logger.info("plan: decompose layers %s at (rank, neurons) %s -> ratio %.4f (target %.4f)",
+                list(plan.shapes), [(x.rank, x.intermediate) for x in plan.shapes.values()], plan.ratio,
+                options.ratio)
+    with CompressedCheckpointWriter(model.raw_config, out_dir, replace=options.force,
+                                    max_shard_bytes=options.max_shard_bytes) as writer:
+        with clock.stage("decomposition pass"), writer.stage(f"the {options.method} decomposition"):
+            specs, reports = decomposition_pass(model, calib, options, plan, sensitivity, writer)
+        with clock.stage("write"):
+            for name in model.non_layer_tensor_names():
+                writer.add(name, model.tensors.get(name), stage=COPIED)
+            block = writer.finish(method=options.method, layers=specs, options=options.recorded(),
+                                  calibration=calib.info, side_files_from=model.model_dir)
+        summary = compression_summary(model, options, plan, block, calib.info)
+        write_reports(writer.directory, summary, reports, clock.stages)
+    logger.info("wrote %s: ratio %.4f, decomposed layers %s", out_dir, block.params.ratio,
+                block.decomposed_layers)
+    return out_dir

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from moesvd_vllm.errors import MoESVDError
+
 logger = logging.getLogger(__name__)
 
 
-class RatioError(ValueError):
+class RatioError(MoESVDError):
     """The requested compression ratio is invalid or cannot be reached."""
 
 

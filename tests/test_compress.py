@@ -20,10 +20,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moesvd_vllm.architectures import PLUGIN_ARCHITECTURES, moe_dims, moe_layer_indices, moe_layout
-from moesvd_vllm.format.schema import SchemaError, read_moe_svd_config
-from offline.calibration import CalibrationError
 from moesvd_vllm.errors import CheckpointError
 from moesvd_vllm.format.safetensors_io import OutputExistsError, read_config
+from moesvd_vllm.format.schema import SchemaError, read_moe_svd_config
+from offline.calibration import CalibrationError
 from offline.compress import CompressionOptions, OptionsError, compress
 from offline.decompose import WhiteningError
 from offline.expert_tensors import CheckpointTensors

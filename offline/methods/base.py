@@ -102,6 +102,7 @@ class CompressionMethod:
     name: ClassVar[str | None] = None  # `moe_svd.method` and `--method`
     summary: ClassVar[str] = ""  # one line for `moesvd compress --help`
     form: ClassVar[str]  # the checkpoint form: "shared_basis" (servable) or "per_expert"
+    servable: ClassVar[bool]  # does the vLLM plugin serve the output (else: offline evaluation only)?
     selection: ClassVar[str]  # default layer selection: "sensitivity" (Eq. 4) or "all"
     min_intermediate_fraction: ClassVar[float] = 1.0  # default; 1.0 = rank only (no neuron selection)
     trim_keep: ClassVar[int | None] = None  # default experts kept per group by U-trimming; None: none

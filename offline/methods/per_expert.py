@@ -24,6 +24,7 @@ class PerExpertSVD(CompressionMethod):
     """Shared code of the two baselines; `whitened` chooses the SVD."""
 
     form = "per_expert"
+    servable = False  # evaluated by offline.reference only
     selection = "all"
     whitened: ClassVar[bool]
 

@@ -76,6 +76,7 @@ class SharedBasisMethod(CompressionMethod):
     """Shared machinery of the shared-basis methods; members set `name` and implement `shared_bases`."""
 
     form = "shared_basis"
+    servable = True
     selection = "sensitivity"
     supports_neuron_selection = True
 
