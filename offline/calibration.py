@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moesvd_vllm.errors import MoESVDError
 from moesvd_vllm.format.schema import CalibrationInfo
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(MoESVDError):
     """Calibration data is missing, unreadable or too short."""
 
 

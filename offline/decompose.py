@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from moesvd_vllm.errors import MoESVDError
+
 logger = logging.getLogger(__name__)
 
 
-class WhiteningError(ValueError):
+class WhiteningError(MoESVDError):
     """A Gram matrix is not positive definite even after repair."""
 
 

@@ -86,7 +86,9 @@ def make_windows(token_ids: list[int], *, seq_len: int, max_tokens: int | None,
 
 @torch.no_grad()
 def summed_nll(model: torch.nn.Module, windows: EvalWindows, batch_size: int = 8) -> float:
-    """Summed negative log-likelihood (nats, float64) of the scored tokens of all windows."""
+    """Summed negative log-likelihood (nats, float64) of the scored tokens of all windows: every token
+    after a window's first, predicted from the logits at the position before it. The one perplexity
+    implementation (`offline.bundled.evaluate` calls it too)."""
     total = 0.0
     batches = range(0, windows.input_ids.shape[0], batch_size)
     for start in tqdm(batches, desc="windows", disable=len(batches) < 4, leave=False):

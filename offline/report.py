@@ -9,7 +9,18 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+from moesvd_vllm.format.schema import decomposed_layer_params
+
+if TYPE_CHECKING:
+    from moesvd_vllm.architectures import MoEDims
+    from moesvd_vllm.format.schema import CalibrationInfo, MoESVDConfig
+    from offline.compression_options import CompressionOptions
+    from offline.layerwise import LayerwiseModel
+    from offline.methods import CompressedLayer
+    from offline.pipeline import LayerSensitivity
+    from offline.sensitivity import Plan
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +87,39 @@ class LayerReport:
     # ("slimming": the down error of the neuron selection alone, with compensation)
     params_dense: int = 0
     params_compressed: int = 0
+
+
+def layer_report(index: int, score: float | None, measured: LayerSensitivity | None,
+                 result: CompressedLayer | None, dense: int, dims: MoEDims) -> LayerReport:
+    """One MoE layer's row: its sensitivity measurements and, when it was compressed, what was chosen."""
+    spec = result.spec if result else None
+    return LayerReport(
+        layer=index, sensitivity=score, decomposed=result is not None,
+        rank=spec.rank if spec else None,
+        intermediate=spec.kept_intermediate(dims) if spec else None,
+        bases=spec.bases if spec else None,
+        num_banks=spec.num_banks if spec else None,
+        bank_map=spec.bank_map if spec else None,
+        routing_frequency=measured.frequency.tolist() if measured else None,
+        principal_rank=measured.principal_rank.tolist() if measured else None,
+        outlier_ratio=measured.outlier_ratio.tolist() if measured else None,
+        relative_error=result.relative_error if result else None,
+        params_dense=dense,
+        params_compressed=decomposed_layer_params(spec, dims) if spec else dense)
+
+
+def compression_summary(model: LayerwiseModel, options: CompressionOptions, plan: Plan, block: MoESVDConfig,
+                        calibration: CalibrationInfo) -> dict[str, Any]:
+    """The report's summary: model, method, requested and achieved ratio, plan, calibration, options."""
+    return {
+        "model_dir": str(model.model_dir), "model_type": model.model_type, "method": options.method,
+        "target_ratio": options.ratio, "achieved_ratio": round(block.params.ratio, 6),
+        "expert_params_dense": block.params.expert_dense,
+        "expert_params_compressed": block.params.expert_compressed,
+        "decomposed_layers": block.decomposed_layers, "ranks": {str(k): v for k, v in plan.ranks.items()},
+        "intermediate": {str(k): s.intermediate for k, s in plan.shapes.items()},
+        "calibration": asdict(calibration), "options": options.recorded(),
+    }
 
 
 def write_reports(out_dir: Path, summary: dict[str, Any], layers: list[LayerReport],

@@ -5,7 +5,7 @@ S_L = sum_i f_i * r_i * a_i, with f_i the routing frequency (Eq. 9), r_i the pri
 and a_i its activation-outlier ratio (Eq. 10).
 
 A decomposed layer takes one of a list of `LayerShape`s ("levels", largest first, each strictly smaller
-in parameters than the one before; `compress.make_plan` builds the list from the method's options: rank
+in parameters than the one before; `pipeline.make_plan` builds the list from the method's options: rank
 steps of 32, intermediate-neuron steps of 8, or both). The plan decomposes the least sensitive layers so
 that the routed-expert parameters removed match the target ratio within `tolerance`. For m = 1, 2, ...
 least-sensitive layers it starts every chosen layer at the first level and lowers one layer one level at a
@@ -24,10 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from moesvd_vllm.errors import MoESVDError
+
 logger = logging.getLogger(__name__)
 
 
-class RatioError(ValueError):
+class RatioError(MoESVDError):
     """The requested compression ratio is invalid or cannot be reached."""
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -17,23 +20,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moesvd_vllm.architectures import PLUGIN_ARCHITECTURES, moe_dims, moe_layer_indices, moe_layout
-
-from moesvd_vllm.format.schema import (
-
-    SchemaError,
-
-    decomposed_layer_params,
-
-    dense_layer_params,
-
-    expected_layer_tensors,
-
-    read_moe_svd_config,
-
-)
-from offline.calibration import CalibrationError
 from moesvd_vllm.errors import CheckpointError
 from moesvd_vllm.format.safetensors_io import OutputExistsError, read_config
+from moesvd_vllm.format.schema import SchemaError, read_moe_svd_config
+from offline.calibration import CalibrationError
 from offline.compress import CompressionOptions, OptionsError, compress
 from offline.decompose import WhiteningError
 from offline.expert_tensors import CheckpointTensors
@@ -57,7 +47,68 @@ def _expert_like(name: str) -> bool:
     return ".experts." in name or ".moe_svd_" in name
 
 
-def _check_checkpoint(dense_dir: Path, out: Path, options: CompressionOptions) -> None:
+# Parameter counts by hand. Tiny fixtures: H = 128, I = 128, E = 8 experts, 4 MoE layers.
+#   dense MoE layer: E * 3 * I * H = 8 * 3 * 128 * 128 = 393,216; the model: 4 * 393,216 = 1,572,864
+#   shared_basis layer of rank r, I' kept neurons, K banks: 2 * r * H (the bases, when stored) + K * 3 * I' * r
+#     no bases (r = H = 128, K = 8):       8 * 3 * I' * 128          = 3,072 I'
+#     bases, K = 8, I' = 64:               2 * r * 128 + 8 * 3 * 64 * r = 1,792 r
+#     bases, K = 2 (U-trimming), I' = 128: 2 * r * 128 + 2 * 3 * 128 * r = 1,024 r
+#   per_expert layer of rank r: E * r * 3 * (H + I) = 8 * r * 3 * 256 = 6,144 r
+# Layer shapes: {layer: (rank, kept neurons or None for all I, banks, bases)}; what the plan chose.
+EXPECTED = {
+    # 3,072 * (88 + 88 + 96 + 88) = 3,072 * 360
+    ("qwen3_moe", "moe-svd-stacked", 0.3): (
+        {0: (128, 88, 8, False), 1: (128, 88, 8, False), 2: (128, 96, 8, False), 3: (128, 88, 8, False)},
+        1_105_920),
+    # 1,792 * (96 + 96 + 96 + 64) = 1,792 * 352
+    ("qwen3_moe", "moe-svd-stacked", 0.6): (
+        {0: (96, 64, 8, True), 1: (96, 64, 8, True), 2: (96, 64, 8, True), 3: (64, 64, 8, True)}, 630_784),
+    # 3,072 * (72 + 80 + 72 + 80) = 3,072 * 304
+    ("mixtral", "moe-svd-stacked", 0.4): (
+        {0: (128, 72, 8, False), 1: (128, 80, 8, False), 2: (128, 72, 8, False), 3: (128, 80, 8, False)},
+        933_888),
+    # layers 1 and 3 dense: 2 * 393,216 = 786,432; + 1,024 * 96 = 98,304; + 1,024 * 64 = 65,536
+    ("mixtral", "moe-svd", 0.4): ({0: (96, None, 2, True), 2: (64, None, 2, True)}, 950_272),
+    # 6,144 * (38 + 38 + 39 + 39) = 6,144 * 154
+    ("qwen3_moe", "whitened-svd", 0.4): (
+        {0: (38, None, 8, True), 1: (38, None, 8, True), 2: (39, None, 8, True), 3: (39, None, 8, True)},
+        946_176),
+    # 6,144 * (51 + 51 + 51 + 52) = 6,144 * 205
+    ("mixtral", "svd", 0.2): (
+        {0: (51, None, 8, True), 1: (51, None, 8, True), 2: (51, None, 8, True), 3: (52, None, 8, True)},
+        1_259_520),
+}
+TINY_DENSE_EXPERT_PARAMS = 1_572_864  # 4 * 8 * 3 * 128 * 128
+
+
+def _expected_factor_tensors(model_type: str, index: int, spec, hidden: int, intermediate: int
+                             ) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The names and shapes docs/format.md gives for one compressed layer of a float32 model, spelled out
+    here independently of the writer (float32 factors; bases in the model's dtype with basis_dtype auto)."""
+    layout = moe_layout(model_type)
+    prefix = f"model.layers.{index}.{layout.moe_module}"
+    r, kept = spec.rank, spec.intermediate or intermediate
+    out = {}
+    if spec.form == "shared_basis":
+        if spec.bases:
+            out[f"{prefix}.moe_svd_in.weight"] = ((r, hidden), "float32")
+            out[f"{prefix}.moe_svd_out.weight"] = ((hidden, r), "float32")
+        for bank in range(spec.num_banks):
+            name = f"{prefix}.experts.{bank}"
+            out[f"{name}.{layout.gate_proj}.weight"] = ((kept, r), "float32")
+            out[f"{name}.{layout.up_proj}.weight"] = ((kept, r), "float32")
+            out[f"{name}.{layout.down_proj}.weight"] = ((r, kept), "float32")
+        return out
+    for e in range(spec.num_experts):  # per_expert: W ~= lora_b [out, r] @ lora_a [r, in]
+        name = f"{prefix}.experts.{e}"
+        for proj, (rows, cols) in ((layout.gate_proj, (intermediate, hidden)), (layout.up_proj, (intermediate, hidden)),
+                                   (layout.down_proj, (hidden, intermediate))):
+            out[f"{name}.{proj}.lora_a"] = ((r, cols), "float32")
+            out[f"{name}.{proj}.lora_b"] = ((rows, r), "float32")
+    return out
+
+
+def _check_checkpoint(dense_dir: Path, out: Path, options: CompressionOptions, expected_params: int) -> None:
     config, dense_config = read_config(out), read_config(dense_dir)
     assert config["model_type"] == dense_config["model_type"]
     assert config["architectures"] == [PLUGIN_ARCHITECTURES[a] for a in dense_config["architectures"]]
@@ -66,24 +117,24 @@ def _check_checkpoint(dense_dir: Path, out: Path, options: CompressionOptions) -
     assert block.original_architectures == dense_config["architectures"]
     assert len(block.calibration.sha256) == 64 and block.calibration.num_samples == options.num_samples
     assert block.options["method"] == options.method
-    assert abs(block.params.ratio - options.ratio) <= 0.01
-    dims = moe_dims(dense_config)
-    recount = dense_layer_params(dims) * len(moe_layer_indices(dense_config))
-    recount += sum(decomposed_layer_params(s, dims) - dense_layer_params(dims) for s in block.layers.values())
-    assert block.params.expert_compressed == recount
+    assert abs(block.params.ratio - options.ratio) <= options.ratio_tolerance
+    assert block.params.expert_dense == TINY_DENSE_EXPERT_PARAMS
+    assert block.params.expert_compressed == expected_params
     assert block.decomposed_layers, "nothing was decomposed"
 
     dense, compressed = CheckpointTensors(dense_dir), CheckpointTensors(out)
+    # the routed-expert parameters actually written (dense layers' experts included) match the hand count
+    written = sum(math.prod(compressed.shape(n)) for n in compressed.names() if _expert_like(n))
+    assert written == expected_params
     layout = moe_layout(config["model_type"])
-    expert_dtype = dense.dtype(next(n for n in dense.names() if ".experts." in n))
+    dims = moe_dims(dense_config)
     written_experts = set()
     for index in block.decomposed_layers:
-        spec = block.layer(index)
-        expected = expected_layer_tensors(config["model_type"], index, spec, dims, expert_dtype)
         prefix = f"model.layers.{index}.{layout.moe_module}."
         got = {n: (compressed.shape(n), compressed.dtype(n)) for n in compressed.names()
                if n.startswith(prefix) and _expert_like(n)}
-        assert got == expected
+        assert got == _expected_factor_tensors(config["model_type"], index, block.layer(index), dims.hidden,
+                                               dims.intermediate)
         written_experts |= set(got)
     # every other tensor is copied unchanged (router, attention, norms, embeddings, dense layers' experts)
     decomposed_prefixes = tuple(f"model.layers.{i}.{layout.moe_module}." for i in block.decomposed_layers)
@@ -101,6 +152,10 @@ def _check_checkpoint(dense_dir: Path, out: Path, options: CompressionOptions) -
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no temp dirs
 
 
+def _layer_shapes(block) -> dict[int, tuple]:
+    return {int(k): (s.rank, s.intermediate, s.num_banks, s.bases) for k, s in block.layers.items()}
+
+
 @pytest.mark.parametrize("arch,method,ratio", [
     ("qwen3_moe", "moe-svd-stacked", 0.3),
     ("qwen3_moe", "moe-svd-stacked", 0.6),
@@ -114,8 +169,10 @@ def test_compress_writes_a_checkpoint_that_matches_the_schema(tiny_model_dir, tm
     options = _options(method=method, ratio=ratio)
     out = compress(dense_dir, tmp_path / "out", options)
     assert out == tmp_path / "out"
-    _check_checkpoint(dense_dir, out, options)
+    shapes, params = EXPECTED[(arch, method, ratio)]
     block = read_moe_svd_config(out)
+    assert _layer_shapes(block) == shapes
+    _check_checkpoint(dense_dir, out, options, params)
     if method == "moe-svd":  # U-trimming: 2 kept experts per group of 8
         assert all(spec.num_banks == 2 for spec in block.layers.values())
     if method == "moe-svd-stacked":
@@ -140,6 +197,9 @@ def test_default_kept_neurons_are_multiples_of_the_x86_kernel_tile(tiny_model_di
     block = read_moe_svd_config(out)
     assert abs(block.params.ratio - 0.5) <= 0.01
     assert all(spec.intermediate is not None and spec.intermediate % 32 == 0 for spec in block.layers.values())
+    # all four layers at I' = 64, no bases: 4 * 8 * 3 * 64 * 128 = 786,432 (half the dense 1,572,864)
+    assert _layer_shapes(block) == {i: (128, 64, 8, False) for i in range(4)}
+    assert block.params.expert_compressed == 786_432
 
 
 @pytest.mark.parametrize("step", [0, 12])
@@ -177,6 +237,82 @@ def test_compressed_checkpoint_runs_in_the_reference_model(tiny_model_dir, tmp_p
             reference = expert_output(dense.gate[e], dense.up[e], dense.down[e])
             rel = float((expert_output(*approx) - reference).norm() / reference.norm())
             assert 0 < rel < 1.0, (index, e, rel)  # unweighted inputs; the calibrated error is far lower
+
+
+# ------------------------------------------------------------------------------------------ options, methods
+def test_unknown_option_is_refused_with_the_known_ones():
+    with pytest.raises(OptionsError, match=r"unknown compression option\(s\) \['rnak_threshold'\]; known: "
+                                           r".*'rank_threshold'"):
+        CompressionOptions.from_dict({"ratio": 0.4, "calib": "x", "rnak_threshold": 0.1})
+
+
+@pytest.mark.parametrize("method,selection,fraction,trim_keep", [
+    ("moe-svd-stacked", "sensitivity", 0.5, None), ("moe-svd", "sensitivity", 1.0, 2),
+    ("svd", "all", 1.0, None), ("whitened-svd", "all", 1.0, None)])
+def test_options_left_unset_take_the_method_classes_defaults(method, selection, fraction, trim_keep):
+    recorded = CompressionOptions(ratio=0.4, calib="x", method=method).recorded()
+    assert (recorded["selection"], recorded["min_intermediate_fraction"], recorded["trim_keep"]) == (
+        selection, fraction, trim_keep)
+    explicit = CompressionOptions(ratio=0.4, calib="x", method=method, selection="all", trim_keep=3).recorded()
+    assert (explicit["selection"], explicit["trim_keep"]) == ("all", 3)
+
+
+def test_neuron_selection_is_refused_for_a_per_expert_method():
+    with pytest.raises(OptionsError, match="needs a shared-basis method, not 'svd'"):
+        CompressionOptions(ratio=0.4, calib="x", method="svd", min_intermediate_fraction=0.5)
+
+
+def test_cli_flags_are_generated_from_the_options_and_the_method_registry(tmp_path):
+    from moesvd_vllm.options import from_arguments
+    from offline.cli_compress import add_arguments
+    from offline.methods import method_names
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {a.dest: a for a in parser._actions}
+    assert set(flags) >= {f.name for f in dataclasses.fields(CompressionOptions)}
+    assert all(flags[f.name].help for f in dataclasses.fields(CompressionOptions))
+    assert tuple(flags["method"].choices) == method_names() == ("moe-svd-stacked", "moe-svd", "svd", "whitened-svd")
+    args = parser.parse_args(["model", "--out", str(tmp_path / "o"), "--ratio", "0.4", "--calib", "c.txt",
+                              "--method", "moe-svd", "--no-routing-weighted", "--trim-keep", "3"])
+    assert from_arguments(CompressionOptions, args) == CompressionOptions(
+        ratio=0.4, calib="c.txt", method="moe-svd", routing_weighted=False, trim_keep=3)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["model", "--out", "o", "--ratio", "0.4", "--calib", "c", "--method", "nope"])
+
+
+@pytest.fixture
+def coordinate_bases_method():
+    """A method defined the way a new file in offline/methods/ would define it: subclassing registers it."""
+    from offline.methods import base
+    from offline.methods.shared_basis import SharedBasisMethod
+
+    class FirstCoordinateBases(SharedBasisMethod):
+        name = "test-first-coordinates"
+        summary = "A = the first r coordinates, B = A^T (a test method)"
+
+        def shared_bases(self, work, experts, grams, rank):
+            basis_in = torch.eye(work.dims.hidden, dtype=torch.float64)[:rank]
+            return basis_in, basis_in.T.clone()
+
+    yield FirstCoordinateBases.name
+    base._REGISTRY.pop(FirstCoordinateBases.name)
+
+
+def test_a_registered_method_runs_through_the_pipeline(tiny_model_dir, tmp_path, coordinate_bases_method):
+    from offline.methods import method_names
+
+    assert coordinate_bases_method in method_names()
+    out = compress(tiny_model_dir("qwen3_moe"), tmp_path / "out",
+                   _options(method=coordinate_bases_method, ratio=0.6, ratio_tolerance=0.05))
+    block = read_moe_svd_config(out)
+    assert block.method == coordinate_bases_method and block.options["selection"] == "sensitivity"
+    tensors = CheckpointTensors(out)
+    for index in block.decomposed_layers:
+        spec = block.layer(index)
+        assert spec.bases and spec.intermediate is None  # the base class's defaults: ranks only
+        basis_in = tensors.get(f"model.layers.{index}.mlp.moe_svd_in.weight")
+        assert torch.equal(basis_in, torch.eye(128)[:spec.rank])
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -292,7 +428,8 @@ def test_sharded_input_compresses(tiny_model_dir, tmp_path):
     dense = tiny_model_dir("mixtral")
     model = _sharded_copy(dense, tmp_path / "model")
     options = _options(method="svd", ratio=0.2)
-    _check_checkpoint(model, compress(model, tmp_path / "out", options), options)
+    _check_checkpoint(model, compress(model, tmp_path / "out", options), options,
+                      EXPECTED[("mixtral", "svd", 0.2)][1])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -337,8 +474,7 @@ def test_fused_expert_tensors_are_read(tiny_model_dir, tmp_path):
     fused_out = compress(model, tmp_path / "fused", options)
     plain_out = compress(dense, tmp_path / "plain", options)
     fused, plain = CheckpointTensors(fused_out), CheckpointTensors(plain_out)
-    block = read_moe_svd_config(fused_out)
-    assert block.layers == read_moe_svd_config(plain_out).layers
-    for index in block.decomposed_layers:
-        for name in expected_layer_tensors(config["model_type"], index, block.layer(index), dims, "float32"):
-            assert torch.equal(fused.get(name), plain.get(name)), name
+    assert read_moe_svd_config(fused_out).layers == read_moe_svd_config(plain_out).layers
+    assert set(fused.names()) == set(plain.names())
+    for name in plain.names():
+        assert torch.equal(fused.get(name), plain.get(name)), name

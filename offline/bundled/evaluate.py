@@ -2,9 +2,10 @@
 
     python -m offline.bundled.evaluate [--model-dir DIR] [--max-windows N] [--json OUT.json]
 
-Perplexity is measured in float32 on non-overlapping windows of the training sequence length cut from
-the split's token stream (documents joined with the end-of-text token); every token of a window except
-the first is a target. The unigram baseline predicts the same targets from the train split's token
+Perplexity is measured with the model in float32 by `offline.eval_ppl.summed_nll` (the one perplexity
+implementation: log-softmax in float64) on non-overlapping windows of the training sequence length cut
+from the split's token stream (documents joined with the end-of-text token); every token of a window
+except the first is a target. The unigram baseline predicts the same targets from the train split's token
 frequencies with add-one smoothing over the whole vocabulary. Routing frequency counts, per layer, how
 often each expert is among the top-k choices of a test token.
 """
@@ -55,20 +56,14 @@ def split_windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = 
     return stream[: count * seq_len].view(count, seq_len)
 
 
-@torch.no_grad()
 def model_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 16) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) of every window's tokens after the first, and their count."""
+    """Summed negative log-likelihood (nats) of every window's tokens after the first, and their count:
+    `offline.eval_ppl.summed_nll`, the one perplexity implementation."""
+    from offline.eval_ppl import EvalWindows, summed_nll
+
     model.eval()
-    total, count = 0.0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size]
-        logits = model(input_ids=batch).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += nll.item()
-        count += batch[:, 1:].numel()
-    return total, count
+    scored = EvalWindows(windows)
+    return summed_nll(model, scored, batch_size=batch_size), scored.scored_tokens
 
 
 def unigram_log_probs(train_stream: torch.Tensor, vocab_size: int) -> torch.Tensor:

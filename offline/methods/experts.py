@@ -1,0 +1,76 @@
+"""What every method does with a built layer's routed experts: views of their weights, per-expert Grams,
+the report's error sums, and writing an expert's compressed weights back into the layer."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from offline import decompose as dec
+from offline.calibration import ExpertStatistics
+from offline.expert_tensors import LayerExperts
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from offline.compression_options import CompressionOptions
+    from offline.layerwise import LayerwiseModel
+
+
+def layer_experts(model: LayerwiseModel, layer: nn.Module) -> LayerExperts:
+    """Views of the built layer's routed experts (gate/up [E, I, H], down [E, H, I], compute dtype):
+    no second copy of the expert weights. The compute dtype holds the stored values exactly (float32,
+    or the checkpoint's own bfloat16)."""
+    experts = model.moe_block(layer).experts
+    gate_up = experts.gate_up_proj.data
+    inter = model.dims.intermediate
+    return LayerExperts(gate_up[:, :inter], gate_up[:, inter:], experts.down_proj.data, [])
+
+
+class ExpertGrams:
+    """Per-expert Grams formed at the point of use, each with a small prior from the layer-wide average
+    (`prior_tokens` tokens of it) and `damp` * mean(diag) on the diagonal; one expert's at a time."""
+
+    def __init__(self, stats: ExpertStatistics, options: CompressionOptions):
+        self.stats, self.options = stats, options
+        self.in_prior = stats.gram_layer / max(stats.total_tokens, 1)
+        self.mid_prior = stats.gram_mid_sum / max(int(stats.routed_tokens.sum()), 1)
+
+    def _regularized(self, gram: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        return dec.regularized_gram(gram, prior, self.options.prior_tokens, self.options.damp, in_place=True)
+
+    def input(self, expert: int) -> torch.Tensor:
+        """X_e^T X_e [H, H] of the expert's routed inputs, regularised."""
+        return self._regularized(self.stats.input_gram(expert), self.in_prior)
+
+    def mid(self, expert: int) -> torch.Tensor:
+        """Y_e^T Y_e [I, I] of the expert's intermediate activations (the down projection's input),
+        regularised; computed from the layer's current expert weights."""
+        return self._regularized(self.stats.mid_gram(expert), self.mid_prior)
+
+
+class ErrorSums:
+    """The report's relative_error: sum_e ||(W_e - W'_e) X_e^T||^2 / sum_e ||W_e X_e^T||^2 per projection."""
+
+    def __init__(self) -> None:
+        self.sums = {name: [0.0, 0.0] for name in ("gate", "up", "down")}
+
+    def add(self, parts: dict[str, tuple[float, float]]) -> None:
+        for name, (num, den) in parts.items():
+            self.sums[name][0] += num
+            self.sums[name][1] += den
+
+    def relative(self) -> dict[str, float]:
+        # the fit's error terms can round a zero error to about -1e-17: clamp at zero
+        return {name: max(num, 0.0) / den if den > 0 else 0.0 for name, (num, den) in self.sums.items()}
+
+
+def write_expert(model: LayerwiseModel, layer: nn.Module, expert: int, gate_up: torch.Tensor,
+                 down: torch.Tensor) -> None:
+    """Make the in-memory layer's expert compute what the compressed checkpoint computes for it:
+    `gate_up` [2I, H] ([gate; up]) and `down` [H, I] replace its weights."""
+    experts = model.moe_block(layer).experts
+    with torch.no_grad():
+        experts.gate_up_proj.data[expert].copy_(gate_up)
+        experts.down_proj.data[expert].copy_(down)

@@ -1,0 +1,195 @@
+"""The shared-basis family (the servable `shared_basis` form): what "moe-svd-stacked" and "moe-svd" share.
+
+A compressed layer stores two bases shared by all its experts, A [r, H] (input side, the paper's shared
+V of Eq. 6) and B [H, r] (output side), and per expert bank the factors G = [G_gate; G_up] [2I', r] and
+D [r, I'], so that expert e computes
+
+    down_e(act(G_gate A x) * (G_up A x)),  down_e = B D.
+
+The members differ only in how the bases are chosen (`shared_bases`). The steps of a layer:
+1. neuron selection, when the planned shape keeps I' < I neurons (offline/slimming.py);
+2. the bases (none when r = H: the factors are then the slimmed weights themselves);
+3. expert by expert, one expert's Grams alive at a time: the whitened least-squares fit
+   G = W C A^T (A C A^T)^{-1} (C the expert's input Gram) and D = B^T W_down, the error terms, and with
+   `write_back` the reconstruction written into the layer in place of the dense expert;
+4. U-trimming (Eq. 7-8), when `trim_keep` experts are kept per group: the kept experts of a group go
+   first and every other expert is served by the kept expert that reproduces it best.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from moesvd_vllm.architectures import MoEDims
+from moesvd_vllm.format.safetensors_io import torch_dtype
+from moesvd_vllm.format.schema import RANK_MULTIPLE, LayerSpec
+from offline import decompose as dec
+from offline.expert_tensors import LayerExperts
+from offline.heap import release_heap_every_few_experts
+from offline.methods.base import CompressedLayer, CompressionMethod, LayerWork
+from offline.methods.experts import ErrorSums, ExpertGrams, layer_experts, write_expert
+from offline.slimming import slim_experts_in_place
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _BankFactors:
+    """One expert bank's stored factors: [gate; up] G [2I, r] and down D [r, I] (model dtype)."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+def reconstruct(factor: torch.Tensor, basis: torch.Tensor | None, dtype: torch.dtype,
+                basis_first: bool = False) -> torch.Tensor:
+    """factor @ basis (or basis @ factor) in `dtype`: a float32 GEMM of the stored (exact in float32)
+    values unless the layer computes in float64. No basis (a layer without bases): the factor itself."""
+    if basis is None:
+        return factor.to(dtype)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    f, b = factor.to(work), basis.to(work)
+    return (b @ f if basis_first else f @ b).to(dtype)
+
+
+def _error_parts(fit: dec.InputFit, down_weight: torch.Tensor, mid_gram: torch.Tensor, factors: _BankFactors,
+                 basis_out: torch.Tensor | None, inter: int) -> dict[str, tuple[float, float]]:
+    """Whitened errors of one expert's dense weights against `factors` (its own, or under U-trimming a
+    kept expert's): gate and up from the fit's terms, down directly (B D is [H, I])."""
+    down = factors.down.double() if basis_out is None else basis_out @ factors.down.double()
+    return {"gate": fit.error(factors.gate_up[:inter], slice(0, inter)),
+            "up": fit.error(factors.gate_up[inter:], slice(inter, None)),
+            "down": dec.whitened_error(down_weight, down, mid_gram)}
+
+
+def num_banks(num_experts: int, keep: int | None, group_size: int) -> int:
+    """Banks left by U-trimming `keep` experts per group of `group_size` (all experts without trimming)."""
+    if keep is None:
+        return num_experts
+    return sum(min(keep, min(group_size, num_experts - s)) for s in range(0, num_experts, group_size))
+
+
+class SharedBasisMethod(CompressionMethod):
+    """Shared machinery of the shared-basis methods; members set `name` and implement `shared_bases`."""
+
+    form = "shared_basis"
+    servable = True
+    selection = "sensitivity"
+    supports_neuron_selection = True
+
+    def shared_bases(self, work: LayerWork, experts: LayerExperts, grams: ExpertGrams, rank: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, H], B [H, r]) for the layer of `work` (experts already slimmed), float64."""
+        raise NotImplementedError
+
+    def rank_steps(self, dims: MoEDims) -> tuple[int, int]:
+        return dims.hidden, RANK_MULTIPLE  # the fused-MoE kernel's rank granularity
+
+    def planned_banks(self, dims: MoEDims) -> int:
+        return num_banks(dims.num_experts, self.options.effective_trim_keep, self.options.trim_group_size)
+
+    def compress_layer(self, work: LayerWork) -> CompressedLayer:
+        """The steps of the module docstring for one layer."""
+        options, stats, shape, emit = self.options, work.stats, work.shape, work.emit
+        num_experts, inter = work.dims.num_experts, work.dims.intermediate
+        experts = layer_experts(work.model, work.layer)
+        grams = ExpertGrams(stats, options)
+        neurons, slimming_error = self._select_neurons(work, experts, grams)
+        basis_dtype_name = options.basis_dtype_for(work.model_dtype)
+        basis_in, basis_out = self._stored_bases(work, experts, grams, torch_dtype(basis_dtype_name))
+        groups, kept_by_group = self._trimming_groups(work)
+        bank_of = {e: bank for bank, e in enumerate(sorted(e for kept in kept_by_group for e in kept))}
+        source = list(range(num_experts))  # the expert whose factors serve each expert
+        errors = ErrorSums()
+        for group, kept in zip(groups, kept_by_group):
+            factors: dict[int, _BankFactors] = {}  # the group's kept experts
+            for e in kept + [e for e in group if e not in kept]:  # kept experts first
+                release_heap_every_few_experts(e)
+                own, fit, mid_gram = self._fit_expert(work, experts, grams, e, basis_in, basis_out)
+                candidates = {e: own} if e in kept else {k: factors[k] for k in kept}
+                parts = {k: _error_parts(fit, experts.down[e], mid_gram, f, basis_out, inter)
+                         for k, f in candidates.items()}
+                # U-trimming (Eq. 7-8): the kept expert that reproduces e best (whitened distance)
+                source[e] = min(parts, key=lambda k: (sum(num for num, _ in parts[k].values()), k))
+                errors.add(parts[source[e]])
+                if e in kept:
+                    factors[e] = own
+                    self._emit_bank(work, bank_of[e], own, neurons[e])
+                if work.write_back:
+                    chosen = factors[source[e]]
+                    write_expert(work.model, work.layer, e,
+                                 reconstruct(chosen.gate_up, basis_in, experts.gate.dtype),
+                                 reconstruct(chosen.down, basis_out, experts.gate.dtype, basis_first=True))
+                del fit, mid_gram
+        bank_map = [bank_of[source[e]] for e in range(num_experts)]
+        spec = LayerSpec(form=self.form, rank=shape.rank, num_experts=num_experts, bank_map=bank_map,
+                         basis_dtype=basis_dtype_name, sensitivity=work.sensitivity,
+                         intermediate=shape.intermediate if shape.intermediate < inter else None,
+                         bases=shape.bases)
+        relative = errors.relative()
+        if slimming_error is not None:
+            relative["slimming"] = slimming_error
+        return CompressedLayer(spec, emit.written, relative)
+
+    def _select_neurons(self, work: LayerWork, experts: LayerExperts, grams: ExpertGrams
+                        ) -> tuple[list[torch.Tensor], float | None]:
+        """Step 1: (kept neurons per expert, the down error of the selection) when the shape keeps fewer
+        than I neurons; the layer's experts are rewritten in place and the later steps fit those."""
+        inter, keep = work.dims.intermediate, work.shape.intermediate
+        if keep >= inter:
+            return [torch.arange(inter)] * work.dims.num_experts, None
+        slimming = slim_experts_in_place(experts.gate, experts.up, experts.down, grams.mid, keep,
+                                         after_expert=release_heap_every_few_experts)
+        logger.info("layer %d: kept %d of %d neurons per expert, relative down error %.4g",
+                    work.index, keep, inter, slimming.error)
+        return slimming.kept, slimming.error
+
+    def _stored_bases(self, work: LayerWork, experts: LayerExperts, grams: ExpertGrams,
+                      basis_dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Step 2: the bases as stored (rounded to `basis_dtype`, held in float64), emitted; (None, None)
+        for a layer without bases (r = H: the factors are the slimmed expert weights themselves)."""
+        if not work.shape.bases:
+            return None, None
+        basis_in, basis_out = self.shared_bases(work, experts, grams, work.shape.rank)
+        # the stored (rounded) bases are what the server multiplies with: fit the factors against them
+        basis_in = basis_in.to(basis_dtype).double()
+        basis_out = basis_out.to(basis_dtype).double()
+        work.emit(f"{work.prefix}.moe_svd_in.weight", basis_in.to(basis_dtype))
+        work.emit(f"{work.prefix}.moe_svd_out.weight", basis_out.to(basis_dtype))
+        return basis_in, basis_out
+
+    def _trimming_groups(self, work: LayerWork) -> tuple[list[list[int]], list[list[int]]]:
+        """Step 4's groups and the experts each keeps (its `trim_keep` most frequently routed); without
+        trimming every expert is its own group and kept."""
+        num_experts = work.dims.num_experts
+        keep, size = self.options.effective_trim_keep, self.options.trim_group_size
+        if keep is None or keep >= min(size, num_experts):
+            groups = [[e] for e in range(num_experts)]
+            return groups, groups
+        groups = dec.trimming_groups(num_experts, size)
+        return groups, [dec.kept_in_group(work.stats.frequency, g, keep) for g in groups]
+
+    @staticmethod
+    def _fit_expert(work: LayerWork, experts: LayerExperts, grams: ExpertGrams, e: int,
+                    basis_in: torch.Tensor | None, basis_out: torch.Tensor | None
+                    ) -> tuple[_BankFactors, dec.InputFit, torch.Tensor]:
+        """Step 3 for expert e: its own factors (model dtype), the input fit (for the error terms) and its
+        intermediate Gram."""
+        gate_up = torch.cat([experts.gate[e], experts.up[e]])
+        fit = (dec.identity_fit(gate_up, grams.input(e)) if basis_in is None
+               else dec.fit_input(gate_up, basis_in, grams.input(e)))
+        mid_gram = grams.mid(e)
+        down = experts.down[e] if basis_out is None else dec.fit_output_factor(experts.down[e], basis_out)
+        return _BankFactors(fit.factor.to(work.model_dtype), down.to(work.model_dtype)), fit, mid_gram
+
+    @staticmethod
+    def _emit_bank(work: LayerWork, bank: int, factors: _BankFactors, rows: torch.Tensor) -> None:
+        """A kept expert's factors as bank `bank`, only its kept neurons' rows (gate, up) and columns (down)."""
+        inter, layout = work.dims.intermediate, work.layout
+        name = f"{work.prefix}.experts.{bank}"
+        work.emit(f"{name}.{layout.gate_proj}.weight", factors.gate_up[:inter][rows].contiguous())
+        work.emit(f"{name}.{layout.up_proj}.weight", factors.gate_up[inter:][rows].contiguous())
+        work.emit(f"{name}.{layout.down_proj}.weight", factors.down[:, rows].contiguous())
