@@ -18,7 +18,6 @@ import torch
 
 from moesvd_vllm.architectures import MoEDims, hub_name
 from moesvd_vllm.errors import CheckpointError
-from moesvd_vllm.format.safetensors_io import OutputExistsError  # noqa: F401  (cli_compress catches it here)
 from offline.expert_tensors import (
     CheckpointTensors,
     fused_expert_names,

@@ -184,6 +184,21 @@ def test_a_non_finite_tensor_is_refused_naming_it_and_nothing_is_left(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("dtype, bad", [
+    (dtype, bad) for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    for bad in (float("nan"), float("inf"), float("-inf"))] + [(torch.float8_e4m3fn, float("nan"))])  # no inf
+def test_every_non_finite_value_of_every_float_dtype_is_found(dtype, bad):
+    from moesvd_vllm.format.writer import check_finite
+
+    values = torch.randn(3, 5).to(dtype)
+    check_finite("model.layers.0.mlp.experts.0.w1.weight", values, "test")
+    values[2, 4] = bad
+    with pytest.raises(NonFiniteTensorError, match=r"model\.layers\.0\.mlp\.experts\.0\.w1\.weight \(decoder "
+                                                   r"layer 0\): [01] NaN and [01] Inf of 15 values"):
+        check_finite("model.layers.0.mlp.experts.0.w1.weight", values, "test")
+    check_finite("model.layers.0.mlp.gate.bias", torch.tensor([1, 2, 3]), "test")  # integers: nothing to check
+
+
 def test_compress_refuses_a_non_finite_input_tensor_and_leaves_nothing(tiny_model_dir, tmp_path):
     """lm_head is never run by the layer-wise pipeline, only copied: the writer is what stops it."""
     model = tmp_path / "model"
