@@ -4,49 +4,87 @@ whitened error."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from offline import decompose as dec
 from offline.calibration import ExpertStatistics, ExpertStatisticsHook, expert_activations
 from tests.support.models import tiny_qwen3_moe_block
+from tests.support.tolerance import assert_within, gram_bound, matmul_bound, unit_roundoff
 
 NUM_EXPERTS, HIDDEN, INTERMEDIATE = 6, 32, 16
+SILU_LIPSCHITZ = 1.1  # max |silu'(x)| = 1.0998, at x = 2.4
+SILU_ROUNDINGS = 5  # float32 silu (exp within 1 ulp = 2 u, an add, a divide) is within 5 u (measured 2.6 u)
 
 
 def _tiny_moe_block():
     return tiny_qwen3_moe_block(HIDDEN, INTERMEDIATE, NUM_EXPERTS)
 
 
+def _activation_error_bound(experts64, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """Elementwise bound on |float32 expert_activations(x) - exact| for float32 rows `x`: gate and up (inner
+    dimension H) are within gamma_H |x| |W|^T (tests/support/tolerance.py); silu scales the gate's error by
+    at most SILU_LIPSCHITZ and rounds (SILU_ROUNDINGS u); the product rounds once more (u)."""
+    weight = experts64.gate_up_proj[expert]
+    gate, up = (x.double() @ weight.T).chunk(2, dim=-1)
+    gate_error, up_error = matmul_bound(x, weight.T, torch.float32).chunk(2, dim=-1)
+    u = unit_roundoff(torch.float32)
+    act = experts64.act_fn(gate).abs()
+    act_error = SILU_LIPSCHITZ * gate_error + SILU_ROUNDINGS * u * (act + SILU_LIPSCHITZ * gate_error)
+    return (act + act_error) * (up.abs() + up_error) * (1 + u) - act * up.abs()
+
+
 def _accumulated_reference(block, batches, routing_weighted: bool):
-    """The per-batch float64 accumulation the compressor did before (one [E, H, H] accumulator)."""
+    """The per-batch accumulation the compressor did before (one [E, H, H] accumulator), here exact: all in
+    float64, the activations too. Also returns elementwise bounds on the float32 pipeline's rounding error
+    (float32 activations and Gram GEMMs), as {"in": [E, H, H], "mid": [E, I, I], "layer": [H, H]}."""
     seen = []
     handle = block.experts.register_forward_pre_hook(lambda module, args: seen.append(args[:3]))
     with torch.no_grad():
         for hidden, _ in batches:
             block(hidden)
     handle.remove()
+    experts64 = copy.deepcopy(block.experts).double()
+    u = unit_roundoff(torch.float32)
     gram_in = torch.zeros(NUM_EXPERTS, HIDDEN, HIDDEN, dtype=torch.float64)
     gram_mid = torch.zeros(NUM_EXPERTS, INTERMEDIATE, INTERMEDIATE, dtype=torch.float64)
     gram_layer = torch.zeros(HIDDEN, HIDDEN, dtype=torch.float64)
+    rows = {"in": [[] for _ in range(NUM_EXPERTS)], "mid": [[] for _ in range(NUM_EXPERTS)], "layer": []}
     for (x_all, index_all, weight_all), (_, mask) in zip(seen, batches):
         real = mask.reshape(-1)
         x_all, index_all, weight_all = x_all[real], index_all[real], weight_all[real]
         gram_layer += x_all.double().T @ x_all.double()
+        rows["layer"].append((x_all.double(), torch.zeros(x_all.shape, dtype=torch.float64)))
         for e in range(NUM_EXPERTS):
             routed = (index_all == e).any(dim=-1)
             if not routed.any():
                 continue
             x = x_all[routed]
             with torch.no_grad():
-                a = expert_activations(block.experts, e, x).double()
+                a = expert_activations(experts64, e, x.double())
+                a_error = _activation_error_bound(experts64, e, x)
             x = x.double()
-            if routing_weighted:
-                w = (weight_all[routed] * (index_all[routed] == e)).sum(-1).double()
-                x, a = x * w[:, None], a * w[:, None]
+            x_error = torch.zeros_like(x)
+            if routing_weighted:  # float32 scales each row: one more rounding
+                w = (weight_all[routed] * (index_all[routed] == e)).sum(-1).double()[:, None]
+                x, a, a_error = x * w, a * w, w.abs() * a_error
+                x_error, a_error = u * x.abs(), a_error + u * (a.abs() + a_error)
             gram_in[e] += x.T @ x
             gram_mid[e] += a.T @ a
-    return gram_in, gram_mid, gram_layer
+            rows["in"][e].append((x, x_error))
+            rows["mid"][e].append((a, a_error))
+
+    def bound(parts, size):  # one bound over all rows: it covers each batch's Gram and their sum
+        if not parts:
+            return torch.zeros(size, size, dtype=torch.float64)
+        return gram_bound(torch.cat([r for r, _ in parts]), torch.float32, torch.cat([e for _, e in parts]))
+
+    bounds = {"in": torch.stack([bound(parts, HIDDEN) for parts in rows["in"]]),
+              "mid": torch.stack([bound(parts, INTERMEDIATE) for parts in rows["mid"]]),
+              "layer": bound(rows["layer"], HIDDEN)}
+    return gram_in, gram_mid, gram_layer, bounds
 
 
 def _batches():
@@ -70,14 +108,14 @@ def test_grams_formed_on_demand_equal_the_accumulated_ones(routing_weighted):
             hook.token_mask = mask.reshape(-1)
             block(hidden)
     hook.remove()
-    gram_in, gram_mid, gram_layer = _accumulated_reference(block, batches, routing_weighted)
+    gram_in, gram_mid, gram_layer, bound = _accumulated_reference(block, batches, routing_weighted)
     assert int(stats.routed_tokens.sum()) == 2 * stats.total_tokens == 2 * int(sum(m.sum() for _, m in batches))
-    for e in range(NUM_EXPERTS):  # float32 GEMMs summed in float64 vs all-float64: rounding only
-        torch.testing.assert_close(stats.input_gram(e), gram_in[e], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(stats.mid_gram(e), gram_mid[e], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats.gram_in, gram_in, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats.gram_mid_sum, gram_mid.sum(0), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(stats.gram_layer, gram_layer, rtol=1e-5, atol=1e-5)
+    for e in range(NUM_EXPERTS):  # float32 activations and GEMMs summed in float64 vs exact: rounding only
+        assert_within(stats.input_gram(e), gram_in[e], bound["in"][e], f"input Gram of expert {e}")
+        assert_within(stats.mid_gram(e), gram_mid[e], bound["mid"][e], f"mid Gram of expert {e}")
+    assert_within(stats.gram_in, gram_in, bound["in"], "gram_in")
+    assert_within(stats.gram_mid_sum, gram_mid.sum(0), bound["mid"].sum(0), "gram_mid_sum")
+    assert_within(stats.gram_layer, gram_layer, bound["layer"], "gram_layer")
 
 
 def test_an_expert_no_token_reached_has_zero_grams():

@@ -1,0 +1,134 @@
+"""Numerical tolerances derived from the number format, the operands' magnitudes and the accumulation length.
+
+No tolerance in the suite is a constant tuned on one CPU. The CPUs we must pass on (Intel AMX, AMD
+AVX-512-BF16, AVX2-only) run the same float32/float64 arithmetic but sum in different orders: MKL picks a
+GEMM kernel per CPU (blocking, SIMD width, FMA use), threads split the sums differently. So a tolerance
+must bound the error for *every* order, not the error one CPU happened to show.
+
+1. Products (GEMMs, Grams, a rounding to a storage dtype): the standard forward error bound (Higham,
+   *Accuracy and Stability of Numerical Algorithms*, 2nd ed., Sec. 3.1, Eqs. 3.4-3.5). A dot product of
+   length n computed in a format with unit roundoff u = eps / 2 satisfies, in ANY order of summation,
+   with or without FMA,
+
+       |fl(x . y) - x . y|  <=  gamma_n |x| . |y|,        gamma_n = n u / (1 - n u),
+
+   hence |fl(A B) - A B| <= gamma_n |A| |B| elementwise for a product with inner dimension n, and
+   |fl(x) - x| <= u |x| for a rounding. These are worst-case bounds: no probability, no safety factor.
+   The typical error is ~sqrt(n) u |x|.|y| (Higham & Mary 2019) and varies between CPUs; the bound does
+   not. It stays far below a wiring error (a wrong index, a dropped scale or token: a relative change of
+   1e-2 or more) while n u << 1e-2; `assert_within` checks that the bound is that small before using it.
+
+2. Whole forward passes (the logits of a transformer): attention, norms and softmax mix the errors, so no
+   useful closed-form bound exists. There the suite compares against a float64 computation of the same
+   model (float64 is ~1e-13 from exact here, on every CPU):
+   - models evaluated in float64 that differ only by float32 *storage* rounding of their weights (the
+     full-rank conversions of offline.full_rank): `forward_tolerance`, gamma over the terms each logit
+     accumulates per layer times the logits' magnitude;
+   - float32 evaluations (vLLM servers): the float32 rounding noise of the same network, measured on the
+     spot against float64 (`float32_noise`), times `SAFETY` (`implementation_tolerance`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Two float32 evaluations of one function (e.g. vLLM's kernels vs transformers', or the plugin's factored
+# experts vs stock fused experts) each differ from the exact value by their rounding noise; their
+# difference is at most the sum of the two (2x). The worst-case bound above does not depend on the order
+# of summation, but the typical error does (sequential vs blocked/pairwise sums: up to ~sqrt(block)):
+# we allow the other implementation to be 4x noisier than transformers' float32 forward. 2 x 4 = 8.
+SAFETY = 8.0
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = eps / 2: the largest relative error of one rounding to `dtype` (round to nearest)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def gamma(n: int, dtype: torch.dtype) -> float:
+    """gamma_n = n u / (1 - n u) (Higham Eq. 3.8): relative bound on n accumulated roundings."""
+    nu = n * unit_roundoff(dtype)
+    if nu >= 1:
+        raise ValueError(f"gamma_{n} is undefined in {dtype}: n u = {nu:.3g} >= 1")
+    return nu / (1 - nu)
+
+
+def matmul_bound(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Elementwise bound on |fl(a @ b) - a @ b| for exact operands, the product computed in `dtype`:
+    gamma_n |a| |b| with n = the inner dimension."""
+    return gamma(a.shape[-1], dtype) * (a.abs().double() @ b.abs().double())
+
+
+def gram_bound(rows: torch.Tensor, dtype: torch.dtype, row_error: torch.Tensor | None = None) -> torch.Tensor:
+    """Elementwise bound on |fl(R^T R) - X^T X| [H, H] for exact rows X = `rows` [T, H] and computed rows R
+    with |R - X| <= `row_error` elementwise (None: R = X), the product formed in `dtype` and the partial
+    Grams summed in float64 (as offline.calibration.gram does).
+
+    R^T R - X^T X = X^T D + D^T X + D^T D (D = R - X), so with E = row_error and M = |X| + E:
+    |fl(R^T R) - X^T X| <= |X|^T E + E^T |X| + E^T E + (gamma_T + gamma_T(float64)) M^T M.
+    """
+    x = rows.abs().double()
+    e = torch.zeros_like(x) if row_error is None else row_error.double()
+    m = x + e
+    n = max(rows.shape[0], 1)
+    return x.T @ e + e.T @ x + e.T @ e + (gamma(n, dtype) + gamma(n, torch.float64)) * (m.T @ m)
+
+
+def rounding_bound(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Elementwise bound on |fl(values) - values| when `values` are rounded to `dtype`: u |values|."""
+    return unit_roundoff(dtype) * values.abs().double()
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor | float, what: str = "",
+                  *, max_relative_bound: float = 1e-3) -> None:
+    """|actual - expected| <= bound elementwise, and the bound itself is at most `max_relative_bound` of
+    max |expected| (so the check can still fail on a wiring error: a relative change of 1e-2 or more)."""
+    difference = (actual.double() - expected.double()).abs()
+    bound = torch.as_tensor(bound, dtype=torch.float64)
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    largest = float(bound.max()) if bound.numel() else 0.0
+    assert largest <= max_relative_bound * scale, (
+        f"{what}: the tolerance {largest:.3g} is not small against the values (max {scale:.3g}): "
+        "it could not detect a wiring error")
+    excess = difference - bound
+    worst = int(excess.argmax()) if excess.numel() else 0
+    assert not bool((excess > 0).any()), (
+        f"{what}: |difference| {float(difference.flatten()[worst]):.3g} exceeds its rounding bound "
+        f"{float(bound.expand_as(difference).flatten()[worst]):.3g} at flat index {worst} "
+        f"(max |difference| {float(difference.max()):.3g})")
+
+
+def forward_tolerance(logits: torch.Tensor, terms: int, dtype: torch.dtype) -> float:
+    """Bound on max |logit difference| between two float64 forwards of one function whose weights differ by
+    `dtype` rounding (stored factors G = fl(W P^T), A = fl(P): |G A - W| <= gamma_2 |W P^T| |P|), or
+    between two forwards in `dtype` itself that sum in different orders.
+
+    Each logit accumulates `terms` rounded terms along the model (e.g. num_layers x hidden: every decomposed
+    layer's product over the hidden dimension), each a relative error <= u of its part: gamma_terms times
+    the logits' magnitude. This assumes the network does not amplify a relative perturbation of its weights
+    (relative condition <= 1): RMSNorm rescales, softmax is 1-Lipschitz in the max norm.
+    """
+    return gamma(terms, dtype) * max(1.0, float(logits.abs().max()))
+
+
+def float32_noise(float32_values, float64_values) -> float:
+    """max |float32 - float64| over two equal-length sequences of numbers (or tensors): the float32
+    rounding noise of one computation, measured on this CPU against its float64 evaluation."""
+    a = torch.as_tensor(float32_values, dtype=torch.float64).flatten()
+    b = torch.as_tensor(float64_values, dtype=torch.float64).flatten()
+    return float((a - b).abs().max())
+
+
+def implementation_tolerance(noise: float, magnitude: float, dtype: torch.dtype = torch.float32) -> float:
+    """Tolerance for two `dtype` implementations of one function: SAFETY x the measured `noise`, floored at
+    one rounding of the `magnitude` compared (the noise cannot be smaller than that)."""
+    return SAFETY * max(noise, unit_roundoff(dtype) * magnitude)
+
+
+def sample_std_tolerance(count: int, dtype: torch.dtype, sigmas: float = 6.0) -> float:
+    """Relative tolerance on the sample standard deviation of `count` i.i.d. normal values stored in `dtype`:
+    `sigmas` standard errors (the sample std's relative standard error is 1 / sqrt(2 (n - 1))) plus one
+    rounding (a rounding to `dtype` changes each value, hence the std, by at most u relative)."""
+    return sigmas / math.sqrt(2 * (count - 1)) + unit_roundoff(dtype)
