@@ -12,28 +12,13 @@ import torch
 from offline import decompose as dec
 from offline.calibration import ExpertStatistics, ExpertStatisticsHook, expert_activations
 from tests.support.models import tiny_qwen3_moe_block
-from tests.support.tolerance import assert_within, gram_bound, matmul_bound, unit_roundoff
+from tests.support.tolerance import assert_within, gram_bound, swiglu_bound, unit_roundoff
 
 NUM_EXPERTS, HIDDEN, INTERMEDIATE = 6, 32, 16
-SILU_LIPSCHITZ = 1.1  # max |silu'(x)| = 1.0998, at x = 2.4
-SILU_ROUNDINGS = 5  # float32 silu (exp within 1 ulp = 2 u, an add, a divide) is within 5 u (measured 2.6 u)
 
 
 def _tiny_moe_block():
     return tiny_qwen3_moe_block(HIDDEN, INTERMEDIATE, NUM_EXPERTS)
-
-
-def _activation_error_bound(experts64, expert: int, x: torch.Tensor) -> torch.Tensor:
-    """Elementwise bound on |float32 expert_activations(x) - exact| for float32 rows `x`: gate and up (inner
-    dimension H) are within gamma_H |x| |W|^T (tests/support/tolerance.py); silu scales the gate's error by
-    at most SILU_LIPSCHITZ and rounds (SILU_ROUNDINGS u); the product rounds once more (u)."""
-    weight = experts64.gate_up_proj[expert]
-    gate, up = (x.double() @ weight.T).chunk(2, dim=-1)
-    gate_error, up_error = matmul_bound(x, weight.T, torch.float32).chunk(2, dim=-1)
-    u = unit_roundoff(torch.float32)
-    act = experts64.act_fn(gate).abs()
-    act_error = SILU_LIPSCHITZ * gate_error + SILU_ROUNDINGS * u * (act + SILU_LIPSCHITZ * gate_error)
-    return (act + act_error) * (up.abs() + up_error) * (1 + u) - act * up.abs()
 
 
 def _accumulated_reference(block, batches, routing_weighted: bool):
@@ -64,7 +49,7 @@ def _accumulated_reference(block, batches, routing_weighted: bool):
             x = x_all[routed]
             with torch.no_grad():
                 a = expert_activations(experts64, e, x.double())
-                a_error = _activation_error_bound(experts64, e, x)
+                a_error = swiglu_bound(x, block.experts.gate_up_proj[e])
             x = x.double()
             x_error = torch.zeros_like(x)
             if routing_weighted:  # float32 scales each row: one more rounding

@@ -58,7 +58,7 @@ def gamma(n: int, dtype: torch.dtype) -> float:
 def matmul_bound(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Elementwise bound on |fl(a @ b) - a @ b| for exact operands, the product computed in `dtype`:
     gamma_n |a| |b| with n = the inner dimension."""
-    return gamma(a.shape[-1], dtype) * (a.abs().double() @ b.abs().double())
+    return gamma(a.shape[-1], dtype) * (a.detach().abs().double() @ b.detach().abs().double())
 
 
 def gram_bound(rows: torch.Tensor, dtype: torch.dtype, row_error: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,6 +79,34 @@ def gram_bound(rows: torch.Tensor, dtype: torch.dtype, row_error: torch.Tensor |
 def rounding_bound(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Elementwise bound on |fl(values) - values| when `values` are rounded to `dtype`: u |values|."""
     return unit_roundoff(dtype) * values.abs().double()
+
+
+# silu in float32: max |silu'(x)| = 1.0998 (at x = 2.4); exp within 1 ulp (2 u), an add and a divide: <= 5 u
+# relative (measured 2.6 u on 1e6 points).
+SILU_LIPSCHITZ = 1.1
+SILU_ROUNDINGS = 5
+
+
+def swiglu_bound(x: torch.Tensor, gate_up: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Elementwise bound on |silu(x W_g^T) * (x W_u^T) computed in `dtype` - exact| for exact rows `x` [T, H]
+    and one expert's fused W = `gate_up` [2I, H] (offline.calibration.expert_activations): gate and up
+    (inner dimension H) are within gamma_H |x| |W|^T; silu scales the gate's error by at most SILU_LIPSCHITZ
+    and rounds (SILU_ROUNDINGS u); the product rounds once more (u)."""
+    x, gate_up = x.detach(), gate_up.detach()
+    gate, up = (x.double() @ gate_up.double().T).chunk(2, dim=-1)
+    gate_error, up_error = matmul_bound(x, gate_up.T, dtype).chunk(2, dim=-1)
+    u = unit_roundoff(dtype)
+    act = torch.nn.functional.silu(gate).abs()
+    act_error = SILU_LIPSCHITZ * gate_error + SILU_ROUNDINGS * u * (act + SILU_LIPSCHITZ * gate_error)
+    return (act + act_error) * (up.abs() + up_error) * (1 + u) - act * up.abs()
+
+
+def solve_bound(solution_norm: float, condition: float, n: int, dtype: torch.dtype = torch.float64) -> float:
+    """Normwise bound on the error of a solution (or a reconstruction) computed through backward-stable
+    factorisations of an n x n problem with condition number `condition` (Cholesky, triangular solves, QR,
+    SVD, eigh: Higham Thms. 8.5, 10.3, 19.4): forming the problem and factoring it each perturb it by at
+    most gamma_n relative, which the condition number amplifies (Higham Thm. 7.2): 2 gamma_n cond ||x||."""
+    return 2 * gamma(n, dtype) * condition * solution_norm
 
 
 def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor | float, what: str = "",
