@@ -66,7 +66,8 @@ def test_whitened_error_matches_direct_computation():
     num, den = dec.whitened_error(w, approx, x.T @ x)
 
     def bound(m):  # each side sums T x H products and H^2 Gram terms of |m| |x| (Higham 3.1), three roundings
-        return 3 * gamma(x.shape[0] + x.shape[1] ** 2, torch.float64) * float((m.abs() @ x.abs().T).pow(2).sum())
+        terms = x.shape[0] + x.shape[1] ** 2
+        return 3 * gamma(terms, torch.float64) * float((m.abs() @ x.abs().T).pow(2).sum())
 
     assert num == pytest.approx(float(torch.linalg.norm((w - approx) @ x.T) ** 2), rel=0, abs=bound(w - approx))
     assert den == pytest.approx(float(torch.linalg.norm(w @ x.T) ** 2), rel=0, abs=bound(w))
@@ -131,7 +132,8 @@ def test_shared_basis_with_full_rank_reproduces_each_expert_exactly():
                                float(torch.linalg.cond(grams_in[e])), hidden)
         assert_within(fitted, gate_up[e], in_bound, f"input fit of expert {e}")
         out_bound = solve_bound(float(torch.linalg.matrix_norm(down[e], 2)), 1.0, hidden)
-        assert_within(basis_out @ dec.fit_output_factor(down[e], basis_out), down[e], out_bound, f"output fit {e}")
+        refit = basis_out @ dec.fit_output_factor(down[e], basis_out)
+        assert_within(refit, down[e], out_bound, f"output fit of expert {e}")
 
 
 def _weighted_input_error(weights, grams, basis):
