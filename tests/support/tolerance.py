@@ -24,13 +24,16 @@ must bound the error for *every* order, not the error one CPU happened to show.
    - models evaluated in float64 that differ only by float32 *storage* rounding of their weights (the
      full-rank conversions of offline.full_rank): `forward_tolerance`, gamma over the terms each logit
      accumulates per layer times the logits' magnitude;
-   - float32 evaluations (vLLM servers): the float32 rounding noise of the same network, measured on the
-     spot against float64 (`float32_noise`), times `SAFETY` (`implementation_tolerance`).
+   - float32 evaluations (vLLM servers, the plugin): the float32 rounding noise of the same network,
+     measured on the spot against its float64 evaluation (`float32_logprob_noise`), times `SAFETY`
+     (`served_logprob_tolerance`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 
@@ -141,18 +144,37 @@ def forward_tolerance(logits: torch.Tensor, terms: int, dtype: torch.dtype) -> f
     return gamma(terms, dtype) * max(1.0, float(logits.abs().max()))
 
 
-def float32_noise(float32_values, float64_values) -> float:
-    """max |float32 - float64| over two equal-length sequences of numbers (or tensors): the float32
-    rounding noise of one computation, measured on this CPU against its float64 evaluation."""
-    a = torch.as_tensor(float32_values, dtype=torch.float64).flatten()
-    b = torch.as_tensor(float64_values, dtype=torch.float64).flatten()
-    return float((a - b).abs().max())
+@functools.lru_cache(maxsize=None)
+def _reference_logprob_noise(model_dir: str, sequences: tuple[tuple[int, ...], ...]) -> tuple[float, float]:
+    from offline.reference import load_reference_model
+
+    logprobs = []
+    for dtype in (torch.float32, torch.float64):
+        model = load_reference_model(model_dir, dtype=dtype)
+        with torch.no_grad():
+            logprobs.append(torch.cat([
+                model(input_ids=torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
+                .gather(1, torch.tensor(ids[1:])[:, None])[:, 0] for ids in sequences]))
+        del model
+    return float((logprobs[0] - logprobs[1]).abs().max()), float(logprobs[1].abs().max())
 
 
-def implementation_tolerance(noise: float, magnitude: float, dtype: torch.dtype = torch.float32) -> float:
-    """Tolerance for two `dtype` implementations of one function: SAFETY x the measured `noise`, floored at
-    one rounding of the `magnitude` compared (the noise cannot be smaller than that)."""
-    return SAFETY * max(noise, unit_roundoff(dtype) * magnitude)
+def float32_logprob_noise(model_dir: str | os.PathLike, sequences) -> tuple[float, float]:
+    """(noise, magnitude): max |float32 - float64| and max |logprob| over the log-probabilities of each next
+    token of the token-id `sequences` (what the served comparisons read) under the PyTorch reference of
+    `model_dir` (offline.reference, dense or compressed). The noise is this network's float32 rounding error
+    on this CPU, measured against its float64 evaluation. Cached per model and sequences."""
+    return _reference_logprob_noise(str(model_dir), tuple(tuple(int(t) for t in ids) for ids in sequences))
+
+
+def served_logprob_tolerance(model_dir: str | os.PathLike, sequences) -> float:
+    """Tolerance on |logprob difference| between two float32 evaluations of the model in `model_dir` (a vLLM
+    server, the plugin, transformers): SAFETY x its measured float32 noise (`float32_logprob_noise` on
+    `sequences`: use the compared prompts and continuations) plus both sides' float32 rounding of the
+    largest |logprob|. Also bounds means of such differences (delta NLL, log perplexity ratio) and the
+    top-k KL (sum_i p_i |d log p_i| <= max |d log p|)."""
+    noise, magnitude = float32_logprob_noise(model_dir, sequences)
+    return SAFETY * noise + 2 * unit_roundoff(torch.float32) * magnitude
 
 
 def sample_std_tolerance(count: int, dtype: torch.dtype, sigmas: float = 6.0) -> float:
