@@ -126,6 +126,8 @@ def test_greedy_tokens_and_logprobs_match_transformers(served, request):
     # float32 on both sides, vLLM's kernels sum in other orders: SAFETY x the model's float32 noise
     prompt_ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT).input_ids
     tolerance = served_logprob_tolerance(model_dir, [prompt_ids + hf_tokens])
+    difference = max(abs(a - b) for a, b in zip(logprobs["token_logprobs"], hf_logprobs))
+    logger.info("%s: vLLM vs transformers max |logprob diff| %.2e (tolerance %.2e)", arch, difference, tolerance)
     assert logprobs["token_logprobs"] == pytest.approx(hf_logprobs, abs=tolerance), arch
     assert len(set(hf_tokens)) > 1, f"{arch}: greedy generation is constant ({hf_tokens})"
 
