@@ -181,8 +181,15 @@ def load_reference_model(model_dir: str | os.PathLike, *, dtype: torch.dtype | s
     return _load_compressed(Path(model_dir), block, dtype, attn_implementation)
 
 
+def _experts_implementation(dtype: torch.dtype) -> dict:
+    """transformers' fused expert kernels (grouped_mm) take float32/bf16/fp16 only: float64 (a reference
+    for rounding errors) runs its eager per-expert loop."""
+    return {"experts_implementation": "eager"} if dtype == torch.float64 else {}
+
+
 def _load_dense(model_dir: Path, dtype: torch.dtype, attn_implementation: str | None) -> PreTrainedModel:
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    kwargs.update(_experts_implementation(dtype))
     model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, output_loading_info=True,
                                                        **kwargs)
     problems = {key: sorted(info.get(key) or []) for key in ("missing_keys", "unexpected_keys",
@@ -216,6 +223,7 @@ def _load_compressed(model_dir: Path, block: MoESVDConfig, dtype: torch.dtype,
 
     config = original_config(model_dir)
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    kwargs.update(_experts_implementation(dtype))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
     model.eval()
 

@@ -19,6 +19,7 @@ from offline.bundled import (
     read_documents,
 )
 from offline.bundled.corpus import SplitRule, chapters_from_verse_lines
+from tests.support.tolerance import served_logprob_tolerance
 from offline.bundled.evaluate import (
     TRAIN_SEQ_LEN,
     load_model,
@@ -198,4 +199,7 @@ def test_stock_vllm_serves_it_with_the_same_greedy_tokens_and_logprobs(vllm_serv
     reference_logprobs = logits.log_softmax(-1)[len(prompt_ids) - 1 : -1].gather(
         1, torch.tensor(generated)[:, None])[:, 0]
     assert served_ids == generated
-    assert torch.allclose(served_logprobs, reference_logprobs, atol=2e-3), (served_logprobs, reference_logprobs)
+    # float32 on both sides, vLLM's kernels sum in other orders: SAFETY x the model's float32 noise
+    tolerance = served_logprob_tolerance(bundled_model_dir(), [prompt_ids + generated])
+    assert torch.allclose(served_logprobs, reference_logprobs, rtol=0, atol=tolerance), (
+        served_logprobs, reference_logprobs, tolerance)

@@ -21,6 +21,7 @@ from offline.sensitivity import (
     shape_levels,
 )
 from tests.support.models import tiny_qwen3_moe_block
+from tests.support.tolerance import assert_within, gamma, gram_bound, solve_bound, swiglu_bound
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -41,7 +42,9 @@ def test_full_rank_svd_reproduces_the_weight():
     s = dec.whitening_factor(x.T @ x, "test")
     for whitening in (None, s):
         approx = dec.truncated_svd(w, 16, whitening).dense()
-        assert torch.allclose(approx, w, atol=1e-5), (approx - w).abs().max()
+        condition = 1.0 if whitening is None else float(torch.linalg.cond(whitening))  # W S, then S^{-1}
+        bound = solve_bound(float(torch.linalg.matrix_norm(w, 2)), condition, max(w.shape))
+        assert_within(approx, w, bound, f"full-rank SVD (whitened: {whitening is not None})")
 
 
 def test_whitened_svd_has_lower_output_error_than_plain_svd():
@@ -61,8 +64,14 @@ def test_whitened_error_matches_direct_computation():
     approx = w + 0.1 * torch.randn(8, 6, generator=_generator(3), dtype=torch.float64)
     x = _inputs(50, 6)
     num, den = dec.whitened_error(w, approx, x.T @ x)
-    assert num == pytest.approx(float(torch.linalg.norm((w - approx) @ x.T) ** 2), rel=1e-9)
-    assert den == pytest.approx(float(torch.linalg.norm(w @ x.T) ** 2), rel=1e-9)
+
+    def bound(m):  # each side sums T x H products and H^2 Gram terms of |m| |x| (Higham 3.1), three roundings
+        terms = x.shape[0] + x.shape[1] ** 2
+        return 3 * gamma(terms, torch.float64) * float((m.abs() @ x.abs().T).pow(2).sum())
+
+    direct = float(torch.linalg.norm((w - approx) @ x.T) ** 2)
+    assert num == pytest.approx(direct, rel=0, abs=bound(w - approx))
+    assert den == pytest.approx(float(torch.linalg.norm(w @ x.T) ** 2), rel=0, abs=bound(w))
 
 
 def test_singular_gram_is_repaired_and_logged(caplog):
@@ -89,7 +98,8 @@ def test_sensitivity_matches_hand_computation():
     r = torch.tensor([10.0, 20.0, 30.0, 4.0])
     a = torch.tensor([0.1, 0.2, 0.0, 0.5])
     # 0.5*10*0.1 + 0.25*20*0.2 + 0.25*30*0 + 1*4*0.5 = 0.5 + 1 + 0 + 2
-    assert layer_sensitivity(f, r, a) == pytest.approx(3.5)
+    # float32 inputs (0.1, 0.2 rounded), two products and three sums of positive terms: gamma_8 relative
+    assert layer_sensitivity(f, r, a) == pytest.approx(3.5, rel=gamma(8, torch.float32))
 
 
 def test_principal_rank_counts_singular_values_above_threshold():
@@ -117,10 +127,14 @@ def test_shared_basis_with_full_rank_reproduces_each_expert_exactly():
     layer_gram = sum(grams_in)
     basis_in = dec.stacked_input_basis(gate_up, counts, layer_gram, hidden, "test")
     basis_out = dec.stacked_output_basis(down, grams_mid, hidden)
-    for e in range(num):
+    for e in range(num):  # the input fit solves A C A^T (condition of C); B is orthonormal (condition 1)
         fitted = dec.fit_input_factor(gate_up[e], basis_in, grams_in[e]) @ basis_in
-        assert torch.allclose(fitted, gate_up[e], atol=1e-8)
-        assert torch.allclose(basis_out @ dec.fit_output_factor(down[e], basis_out), down[e], atol=1e-8)
+        in_bound = solve_bound(float(torch.linalg.matrix_norm(gate_up[e], 2)),
+                               float(torch.linalg.cond(grams_in[e])), hidden)
+        assert_within(fitted, gate_up[e], in_bound, f"input fit of expert {e}")
+        out_bound = solve_bound(float(torch.linalg.matrix_norm(down[e], 2)), 1.0, hidden)
+        refit = basis_out @ dec.fit_output_factor(down[e], basis_out)
+        assert_within(refit, down[e], out_bound, f"output fit of expert {e}")
 
 
 def _weighted_input_error(weights, grams, basis):
@@ -265,12 +279,21 @@ def test_padding_never_counts_in_routing_frequency_or_grams():
     assert torch.equal(with_padding.routed_tokens, unpadded.routed_tokens)
     assert int(with_padding.routed_tokens.sum()) == 12 * 2  # top-2 of 12 real tokens
     assert torch.allclose(with_padding.frequency, unpadded.frequency)
-    assert torch.allclose(with_padding.gram_in, unpadded.gram_in, atol=1e-9)
-    assert torch.allclose(with_padding.gram_mid, unpadded.gram_mid, atol=1e-9)
-    # and the mask matters: counting the pad positions gives other statistics
+    # both are float32 Grams of the same real rows: each within its rounding bound of the exact Gram
+    bound_in, bound_mid = [], []
+    for e in range(4):
+        rows, _ = unpadded.routed.expert_rows(e)
+        weight = block.experts.gate_up_proj[e].detach()
+        gate, up = (rows.double() @ weight.double().T).chunk(2, dim=-1)
+        bound_in.append(2 * gram_bound(rows, torch.float32))
+        bound_mid.append(2 * gram_bound(torch.nn.functional.silu(gate) * up, torch.float32,
+                                        swiglu_bound(rows, weight)))
+    assert_within(with_padding.gram_in, unpadded.gram_in, torch.stack(bound_in), "input Grams")
+    assert_within(with_padding.gram_mid, unpadded.gram_mid, torch.stack(bound_mid), "mid Grams")
+    # and the mask matters: counting the pad positions gives other statistics, far outside that bound
     counted_pads = _run_stats(block, padded, torch.ones(2, 10, dtype=torch.bool))
     assert counted_pads.total_tokens == 20
-    assert not torch.allclose(counted_pads.gram_in, unpadded.gram_in)
+    assert ((counted_pads.gram_in - unpadded.gram_in).abs() > 100 * torch.stack(bound_in)).any()
 
 
 def test_outlier_ratio_counts_activations_above_tau_times_mean():
