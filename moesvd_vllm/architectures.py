@@ -220,6 +220,13 @@ _ENTRIES = (
         _DEEPSEEK_V3_STYLE_LAYOUT,
         FirstKDense(freq_key=None), _SIGMOID_GROUPED, reference_checkpoint="zai-org/GLM-4.5-Air",
         notes="grouped-query attention with partial RoPE and q/k norms; dense first layers"),
+    Architecture(
+        "qwen3_next", ("Qwen3NextForCausalLM",), "MoESVDQwen3NextForCausalLM",
+        MoELayout(**_QWEN_NAMES, shared_experts="shared_expert", shared_expert_gate="shared_expert_gate"),
+        SparseStep(), Routing("softmax", renormalize="norm_topk_prob"),
+        reference_checkpoint="Qwen/Qwen3-Next-80B-A3B-Instruct",
+        notes="hybrid Gated DeltaNet / gated attention; vLLM 0.32 on CPU runs its linear attention in "
+              "bfloat16 only, with linear head dims its CPU kernel supports (128)"),
 )
 
 ARCHITECTURES: dict[str, Architecture] = {entry.model_type: entry for entry in _ENTRIES}

@@ -94,6 +94,10 @@ class LayerwiseModel:
         masks: dict[str, object] = {"full_attention": create_causal_mask(**kwargs)}
         if getattr(self.config, "sliding_window", None) is not None:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        if "linear_attention" in (getattr(self.config, "layer_types", None) or ()):  # qwen3_next
+            from transformers.masking_utils import create_recurrent_attention_mask
+
+            masks["linear_attention"] = create_recurrent_attention_mask(**kwargs)
         with torch.no_grad():
             position_embeddings = self._rotary(hidden, position_ids)
         return LayerInputs(attention_mask, masks, position_ids, position_embeddings)

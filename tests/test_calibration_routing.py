@@ -15,7 +15,7 @@ from moesvd_vllm.architectures import ARCHITECTURES
 from offline.calibration import ExpertStatistics, ExpertStatisticsHook
 from offline.layerwise import LayerwiseModel
 
-ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe"]
+ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe", "qwen3_next"]
 
 
 def _first_moe_layer_run(model_dir, ids: torch.Tensor, mask: torch.Tensor):

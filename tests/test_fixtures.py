@@ -26,6 +26,7 @@ EXPECTED_ARCHITECTURES = {
     "olmoe": "OlmoeForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
+    "qwen3_next": "Qwen3NextForCausalLM",
 }
 FIRST_LAYER_DENSE = ("deepseek_v2", "deepseek_v3", "glm4_moe")
 PROMPT = ("In the beginning God created the heaven and the earth. And the earth was without form, and "

@@ -362,9 +362,11 @@ def test_fused_expert_tensors_are_read(dense_dirs, workdir, input_ids, dense_log
     assert _max_diff(dense, _logits(full, input_ids)) <= _tolerance(dense)
 
 
-# ---- architectures with their own routers, compressed by the real compressor ----------------------
+# ---- the newer architectures, compressed by the real compressor ----------------------
 
-ROUTER_ARCHS = ["deepseek_v3", "glm4_moe"]  # sigmoid scores, grouped choice, correction bias, scaling
+# sigmoid scores, grouped choice, correction bias, scaling (deepseek_v3, glm4_moe); hybrid linear attention
+# layers that the layer-wise pipeline must feed their own mask (qwen3_next)
+ROUTER_ARCHS = ["deepseek_v3", "glm4_moe", "qwen3_next"]
 COMPRESS_CALIB = Path(__file__).resolve().parent.parent / "offline" / "bundled" / "kjv_text" / "validation.txt"
 
 
