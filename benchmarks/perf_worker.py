@@ -95,7 +95,7 @@ def layer_weights(block: nn.Module, layer: int) -> LayerWeights:
         params += tensor.numel()
         nbytes += size
         dtypes.add(str(tensor.dtype).replace("torch.", ""))
-        if name.split(".")[0] in _BASIS_NAMES:
+        if any(part in _BASIS_NAMES for part in name.split(".")):
             basis_params += tensor.numel()
             basis_bytes += size
     for name in _BASIS_NAMES:
