@@ -4,14 +4,17 @@
   dense) served by the plugin equals its dense twin served by stock vLLM: same greedy tokens, prompt and
   generated logprobs within 1e-4 (float32). The same comparison fails for a checkpoint with a
   transposed basis, so it does detect wiring errors.
-* Checkpoints written by `moesvd compress` (U-trimming banks included) served by the plugin equal the
-  PyTorch reference (offline.reference): same greedy tokens, logprobs within 1e-3 (float32).
+* Checkpoints written by `moesvd compress` (U-trimming banks with bases for Qwen3-MoE, kept neurons
+  without bases for Mixtral) served by the plugin equal the PyTorch reference (offline.reference): same
+  greedy tokens, logprobs within 1e-3 (float32). Other architectures: tests/test_plugin_archs.py; tensor
+  parallelism: tests/test_plugin_tp.py.
 * /metrics carries the moesvd_* compression series beside vLLM's own; a dense model says "not compressed".
 * Failures are loud: without the plugin vLLM refuses the architecture; a truncated shard, a missing
   tensor, a wrong rank, an unknown format version or the per_expert form stop the server at startup with
-  an error naming the layer/tensor, and no server comes up.
+  an error naming the layer/tensor, and no server comes up; so does a NaN / Inf in a factor (at load).
+* Format version 1 checkpoints pass the load-time and pre-flight checks (and serve: slow set).
 * `moesvd serve` starts a server, prints its URL, and stops it cleanly on Ctrl-C.
-bf16, torch.compile, the bundled trained model and compressed Mixtral are `slow` (`-m slow`).
+bf16, torch.compile, the bundled trained model and full-rank Mixtral are `slow` (`-m slow`).
 """
 
 from __future__ import annotations
@@ -27,28 +30,27 @@ import pytest
 
 from moesvd_vllm.format.schema import read_moe_svd_config
 from serve.http import get_text, metric_value, parse_metrics
-from serve.launch import ServerOptions, ServerStartError, VLLMServer, free_port
+from serve.launch import ServerStartError, VLLMServer, free_port
 from tests.support.plugin import (
+    CALIB,
+    REFERENCE_TOLERANCE,
     max_logprob_difference,
+    non_finite_tensor_name,
     prompt_token_ids,
-    reference_score,
+    reference_difference,
     same_greedy_tokens,
     score,
+    serve_options,
 )
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
-CALIB = REPO / "offline" / "bundled" / "kjv_text" / "validation.txt"
 EXACT_TOLERANCE = 1e-4  # plugin vs stock vLLM, float32, same kernels up to the bases
-REFERENCE_TOLERANCE = 1e-3  # plugin vs PyTorch reference, float32
 WRONG_MODEL_MIN_DIFFERENCE = 100 * EXACT_TOLERANCE
 
 
 def _serve(model_dir: Path, **options) -> VLLMServer:
-    options.setdefault("dtype", "float32")
-    options.setdefault("enforce_eager", True)
-    return VLLMServer(ServerOptions(model=str(model_dir), **options))
+    return VLLMServer(serve_options(model_dir, **options))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,7 @@ def full_rank_scores(plugin_checkpoint):
     return get
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)])
 def test_full_rank_checkpoint_served_exactly(full_rank_scores, arch):
     compressed, dense = full_rank_scores(arch)
     difference = max_logprob_difference(compressed, dense)
@@ -96,70 +98,38 @@ def test_wrong_basis_is_detected(full_rank_scores, plugin_checkpoint):
 
 # ----------------------------------------------------------- checkpoints written by `moesvd compress`
 
-# qwen3_moe: the paper's method with neuron selection (U-trimming into 2 banks, 64 of 128 neurons kept,
-# rank 32 < H = 128 with bases); mixtral: the default method in steps of 8 neurons (neuron selection only:
-# 80-88 of 128 neurons, no bases, sizes the x86 kernel pads to 96). Ratios the fixtures can reach.
-COMPRESS_OPTIONS = {
-    "qwen3_moe": dict(method="moe-svd", ratio=0.5, ratio_tolerance=0.05, min_intermediate_fraction=0.5),
-    "mixtral": dict(method="moe-svd-stacked", ratio=0.35, ratio_tolerance=0.05, intermediate_step=8),
-}
-
-
 @pytest.fixture(scope="module")
-def compressed_by_moesvd(tiny_model_dir, tmp_path_factory):
-    """Factory: arch -> `moesvd compress` output with COMPRESS_OPTIONS[arch] (small calibration)."""
-    from offline.compress import CompressionOptions, compress
-
-    built = {}
-
-    def get(arch: str) -> Path:
-        if arch not in built:
-            options = CompressionOptions(calib=str(CALIB), num_samples=8, seq_len=32, batch_size=4,
-                                         **COMPRESS_OPTIONS[arch])
-            built[arch] = compress(tiny_model_dir(arch), tmp_path_factory.mktemp("compressed") / arch,
-                                   options)
-        return built[arch]
-
-    return get
-
-
-def _compare_with_reference(model_dir: Path, server: VLLMServer, dtype: str = "float32") -> float:
-    from offline.reference import load_reference_model
-
-    prompts = prompt_token_ids(model_dir)
-    served = score(server, prompts)
-    reference = reference_score(load_reference_model(model_dir, dtype=dtype).eval(), prompts)
-    assert same_greedy_tokens(served, reference)
-    return max_logprob_difference(served, reference)
-
-
-@pytest.fixture(scope="module")
-def compressed_qwen_server(compressed_by_moesvd):
-    model_dir = compressed_by_moesvd("qwen3_moe")
+def compressed_qwen_server(compressed_checkpoint, served_scores):
+    """qwen3_moe compressed with the `banks` recipe, kept running for the /metrics test."""
+    model_dir = compressed_checkpoint("qwen3_moe", "banks")
     with _serve(model_dir) as server:
+        served_scores.record(model_dir, server)  # TP tests compare against these TP=1 scores
         yield model_dir, server
 
 
-def test_compressed_qwen3_moe_matches_reference(compressed_qwen_server):
+def test_compressed_qwen3_moe_matches_reference(compressed_qwen_server, served_scores):
     model_dir, server = compressed_qwen_server
     config = read_moe_svd_config(model_dir)
     assert any(spec.num_banks < spec.num_experts for spec in config.layers.values()), \
         "the moe-svd method should have trimmed experts into banks"
     assert all(spec.intermediate == 64 and spec.bases and spec.rank < 128 for spec in config.layers.values())
-    difference = _compare_with_reference(model_dir, server)
-    logger.info("compressed qwen3_moe: plugin vs reference max |logprob diff| %.2e", difference)
+    served = served_scores(model_dir)
+    difference = reference_difference(model_dir, served.scores)
+    logger.info("compressed qwen3_moe: plugin vs reference max |logprob diff| %.2e (startup %.0f s)",
+                difference, served.startup_seconds)
     assert difference <= REFERENCE_TOLERANCE
 
 
-def test_compressed_mixtral_matches_reference(compressed_by_moesvd):
+def test_compressed_mixtral_matches_reference(compressed_checkpoint, served_scores):
     """The default method's layers without bases (plain fused MoE with fewer neurons) served exactly."""
-    model_dir = compressed_by_moesvd("mixtral")
+    model_dir = compressed_checkpoint("mixtral", "neurons")
     config = read_moe_svd_config(model_dir)
     assert all(not spec.bases and spec.intermediate < 128 for spec in config.layers.values())
     assert any(spec.intermediate % 16 for spec in config.layers.values())
-    with _serve(model_dir) as server:
-        difference = _compare_with_reference(model_dir, server)
-    logger.info("compressed mixtral: plugin vs reference max |logprob diff| %.2e", difference)
+    served = served_scores(model_dir)
+    difference = reference_difference(model_dir, served.scores)
+    logger.info("compressed mixtral: plugin vs reference max |logprob diff| %.2e (startup %.0f s)",
+                difference, served.startup_seconds)
     assert difference <= REFERENCE_TOLERANCE
 
 
@@ -219,6 +189,13 @@ def test_broken_checkpoints_fail_at_startup(plugin_checkpoint, kind, expected):
     message = _start_fails(plugin_checkpoint(kind))
     for fragment in expected:
         assert fragment in message, f"{fragment!r} not in the startup error:\n{message}"
+
+
+def test_non_finite_weights_fail_at_load_naming_the_tensor(plugin_checkpoint):
+    """A NaN / Inf in a factor passes every header check; the worker refuses it while loading."""
+    model_dir = plugin_checkpoint("non_finite")
+    message = _start_fails(model_dir)
+    assert f"tensor {non_finite_tensor_name(model_dir)}: 1 NaN and 1 Inf" in message, message
 
 
 # --------------------------------------------------------------------------------------- moesvd serve
@@ -308,7 +285,7 @@ def test_bundled_model_compressed_matches_reference(tmp_path):
                                  seq_len=128, batch_size=4)
     model_dir = compress(dense, tmp_path / "bundled-compressed", options)
     with _serve(model_dir) as server:
-        difference = _compare_with_reference(model_dir, server)
+        difference = reference_difference(model_dir, score(server, prompt_token_ids(model_dir)))
     logger.info("compressed bundled model: plugin vs reference max |logprob diff| %.2e", difference)
     assert difference <= REFERENCE_TOLERANCE
 
@@ -334,9 +311,35 @@ def _stream_through_validator(model_dir: Path) -> None:
     validator.finish()
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-def test_load_time_check_accepts_a_good_checkpoint(plugin_checkpoint, arch):
-    _stream_through_validator(plugin_checkpoint("full_rank", arch))
+@pytest.mark.parametrize("kind, arch", [("full_rank", "qwen3_moe"), ("full_rank", "mixtral"),
+                                        ("format_v1", "qwen3_moe")])
+def test_load_time_check_accepts_a_good_checkpoint(plugin_checkpoint, kind, arch):
+    _stream_through_validator(plugin_checkpoint(kind, arch))
+
+
+def test_preflight_accepts_a_format_version_1_checkpoint(plugin_checkpoint):
+    """Checkpoints written before format version 2 (no `intermediate` / `bases` keys) still pass."""
+    from transformers import AutoConfig
+
+    from moesvd_vllm.layers import compression_config
+    from moesvd_vllm.preflight import check_checkpoint_files
+
+    model_dir = plugin_checkpoint("format_v1")
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    compression = compression_config(hf_config)
+    assert compression.format_version == 1
+    assert check_checkpoint_files(model_dir, hf_config, compression)
+
+
+@pytest.mark.slow
+def test_format_version_1_checkpoint_is_served_as_before(full_rank_scores, plugin_checkpoint):
+    """A format-1 checkpoint (same tensors as its format-2 twin) serves the same numbers."""
+    compressed, _ = full_rank_scores("qwen3_moe")
+    model_dir = plugin_checkpoint("format_v1")
+    with _serve(model_dir) as server:
+        old = score(server, prompt_token_ids(model_dir))
+    assert same_greedy_tokens(old, compressed)
+    assert max_logprob_difference(old, compressed) == 0.0
 
 
 @pytest.mark.parametrize("kind, expected", [
