@@ -28,6 +28,7 @@ from torch import nn
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoEParallelConfig
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+from vllm.model_executor.layers.linear import ReplicatedLinear
 
 from moesvd_vllm.architectures import MoEDims, moe_layout
 from moesvd_vllm.errors import MoESVDError
@@ -90,7 +91,8 @@ class SharedBasisExperts(FusedMoEMethodBase):
     Parameters it creates on vLLM's `RoutedExperts` layer (names under `...experts.routed_experts.`):
     `w13_weight` [K, 2 I'/n, r] and `w2_weight` [K, r, I'/n] (n ranks; vLLM's own unquantized fused-MoE
     method creates, prepacks and runs them, configured for K experts of hidden size r), and, with bases,
-    `moe_svd_in` [r, H] and `moe_svd_out` [H, r] in the wider of the model and the stored basis dtype.
+    the modules `moe_svd_in` (weight [r, H]) and `moe_svd_out` (weight [H, r]), vLLM ReplicatedLinear
+    layers in the wider of the model and the stored basis dtype.
     """
 
     def __init__(self, moe: FusedMoEConfig, spec: LayerSpec, dims: MoEDims, model_type: str,
@@ -166,20 +168,15 @@ class SharedBasisExperts(FusedMoEMethodBase):
         if self.has_bases:
             # Each basis is computed in the wider of the activation and the stored dtype, so a bf16
             # checkpoint served in float32 is not rounded to bf16 at the bases (and float32 bases of a bf16
-            # model keep their precision); the dtype is fixed here, once, instead of casting per call.
-            compute = torch.promote_types(params_dtype, self.basis_dtype)
-            for name, shape in ((INPUT_BASIS, (self.rank, self.hidden_size)),
-                                (OUTPUT_BASIS, (self.hidden_size, self.rank))):
-                basis = nn.Parameter(torch.empty(shape, dtype=compute), requires_grad=False)
-                basis.weight_loader = self._load_basis
-                layer.register_parameter(name, basis)
-
-    def _load_basis(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
-        if tuple(loaded_weight.shape) != tuple(param.shape):
-            raise CompressionConfigError(
-                f"decoder layer {self.layer_index}: basis of shape {list(loaded_weight.shape)}, expected "
-                f"{list(param.shape)} for rank {self.rank} and hidden {self.hidden_size}")
-        param.data.copy_(loaded_weight)
+            # model keep their precision); the dtype is fixed here, once. vLLM's ReplicatedLinear: the same
+            # matrix on every rank, run by vLLM's own GEMM dispatch (prepacked on CPU).
+            self.compute_dtype = torch.promote_types(params_dtype, self.basis_dtype)
+            for name, (size_in, size_out) in ((INPUT_BASIS, (self.hidden_size, self.rank)),
+                                              (OUTPUT_BASIS, (self.rank, self.hidden_size))):
+                basis = ReplicatedLinear(size_in, size_out, bias=False, params_dtype=self.compute_dtype,
+                                         quant_config=None, prefix=f"{layer.layer_name}.{name}",
+                                         return_bias=False)
+                layer.add_module(name, basis)
 
     def _load_factor(self, param: nn.Parameter, loaded_weight: torch.Tensor, weight_name: str, shard_id: str,
                      expert_id: int, return_success: bool = False) -> bool | None:
@@ -240,8 +237,7 @@ class SharedBasisExperts(FusedMoEMethodBase):
               shared_experts, shared_experts_input: torch.Tensor | None) -> torch.Tensor:
         latent = x
         if self.has_bases:
-            basis = layer.moe_svd_in
-            latent = nn.functional.linear(x.to(basis.dtype), basis).to(x.dtype)
+            latent = layer.moe_svd_in(x.to(self.compute_dtype)).to(x.dtype)
         if self.remap:  # expert ids -> bank ids (U-trimming); a tensor index, traceable by torch.compile
             topk_ids = layer.moe_svd_bank_of_expert[topk_ids.long()].to(topk_ids.dtype)
         out = self.moe_kernel.apply(
@@ -250,6 +246,5 @@ class SharedBasisExperts(FusedMoEMethodBase):
             expert_map=None, apply_router_weight_on_input=layer.apply_router_weight_on_input,
             shared_experts=shared_experts, shared_experts_input=shared_experts_input)
         if self.has_bases:
-            basis = layer.moe_svd_out
-            out = nn.functional.linear(out.to(basis.dtype), basis).to(x.dtype)
+            out = layer.moe_svd_out(out.to(self.compute_dtype)).to(x.dtype)
         return out

@@ -63,6 +63,10 @@ def install_compression(vllm_config) -> None:
         raise CompressionConfigError(
             "quantization is not supported together with MoE-SVD compressed layers; start the server "
             "without --quantization")
+    if vllm_config.parallel_config.enable_ep_weight_filter:
+        raise CompressionConfigError(
+            "--enable-ep-weight-filter skips the expert tensors of other ranks, but every rank of a MoE-SVD "
+            "layer holds every bank (the banks' neurons are split instead); start the server without it")
     if vllm_config.lora_config is not None:
         raise CompressionConfigError(
             "LoRA adapters are not supported on MoE-SVD compressed layers; start the server without "
@@ -116,7 +120,7 @@ def load_compressed_weights(model, load_stock: Callable[[Iterable], Iterable[str
         method = getattr(module, "quant_method", None)
         if isinstance(method, SharedBasisExperts) and method.has_bases:
             for basis, checkpoint_name in method.checkpoint_names.items():
-                bases[checkpoint_name] = (f"{module_name}.{basis}", getattr(module, basis))
+                bases[checkpoint_name] = (f"{module_name}.{basis}.weight", getattr(module, basis).weight)
     config = model.config.to_dict()
     validator = CompressedCheckpointValidator(config["model_type"], compression, moe_dims(config),
                                               _rank_layers(model))

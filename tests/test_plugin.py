@@ -165,11 +165,13 @@ def test_metrics_of_a_dense_model_say_not_compressed(tiny_model_dir, vllm_server
 # ------------------------------------------------------------------------------------ loud failures
 
 def _start_fails(model_dir: Path, **options) -> str:
+    """The startup error and the server's whole log (what the user's terminal shows: an error raised in
+    a worker is followed by the engine's own traceback, longer than the error's log tail)."""
     server = _serve(model_dir, **options)
     with pytest.raises(ServerStartError) as failure:
         server.start()
     assert server.process is None  # stopped: nothing left serving
-    return str(failure.value)
+    return f"{failure.value}\n{server.log_path.read_text(errors='replace')}"
 
 
 def test_without_the_plugin_vllm_refuses_the_architecture(plugin_checkpoint):
