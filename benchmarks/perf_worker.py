@@ -78,6 +78,15 @@ def _packed_linear_bytes(module: nn.Module) -> tuple[int, int] | None:
     return elements, elements * weight.element_size()
 
 
+def _basis_modules(block: nn.Module) -> list[nn.Module]:
+    """The shared-basis linear layers of a MoE block (the plugin keeps them on vLLM's routed experts)."""
+    found: dict[int, nn.Module] = {}
+    for name, module in block.named_modules():
+        if name.rsplit(".", 1)[-1] in _BASIS_NAMES:
+            found.setdefault(id(module), module)
+    return list(found.values())
+
+
 def layer_weights(block: nn.Module, layer: int) -> LayerWeights:
     """Count parameters once even when the runner and the block hold the same module."""
     seen: set[int] = set()
@@ -95,17 +104,17 @@ def layer_weights(block: nn.Module, layer: int) -> LayerWeights:
         params += tensor.numel()
         nbytes += size
         dtypes.add(str(tensor.dtype).replace("torch.", ""))
-        if name.split(".")[0] in _BASIS_NAMES:
+        if any(part in _BASIS_NAMES for part in name.split(".")):
             basis_params += tensor.numel()
             basis_bytes += size
-    for name in _BASIS_NAMES:
-        packed = _packed_linear_bytes(getattr(block, name, None)) if hasattr(block, name) else None
+    for module in _basis_modules(block):
+        packed = _packed_linear_bytes(module)
         if packed is not None:
             params += packed[0]
             nbytes += packed[1]
             basis_params += packed[0]
             basis_bytes += packed[1]
-            dtypes.add(str(getattr(block, name).weight.dtype).replace("torch.", ""))
+            dtypes.add(str(module.weight.dtype).replace("torch.", ""))
     return LayerWeights(layer, params, nbytes, basis_params, basis_bytes, sorted(dtypes))
 
 
@@ -246,7 +255,7 @@ def block_description(worker) -> dict:
         "torch_threads": torch.get_num_threads(),
     }
     for name in _BASIS_NAMES:
-        basis = getattr(block, name, None)
+        basis = getattr(block, name, None) or getattr(routed, name, None)
         if basis is not None:
             description[name] = {"shape": [int(basis.output_size), int(basis.input_size)],
                                  "dtype": str(basis.weight.dtype).replace("torch.", ""),

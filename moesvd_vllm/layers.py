@@ -1,45 +1,49 @@
-"""The low-rank shared-basis MoE block that replaces a decomposed MoE layer inside vLLM.
+"""The routed experts of a decomposed MoE layer, as a vLLM fused-MoE method (`FusedMoEMethodBase`).
 
-A decomposed layer (schema form "shared_basis", see moesvd_vllm/format/schema.py) computes, for a token x,
+A decomposed layer (schema form "shared_basis", moesvd_vllm/format/schema.py) computes, for a token x routed
+to experts e_1..e_k with weights w_1..w_k by the architecture's own router,
 
-    y = sum over the top-k experts e of  w_e * B @ down_k(act(gate_k(A x)) * up_k(A x)),  k = bank_map[e]
+    y = sum_j w_j * B @ down_k(act(gate_k(A x)) * up_k(A x)),   k = bank_map[e_j]
 
-with the routing (w, e) computed from the full hidden state x exactly as the original architecture does.
-That is vLLM's "latent MoE" (model_executor/models/nemotron_h.py): the input basis A is the routed input
-transform, vLLM's fused MoE kernels run the per-bank factors in the r-dimensional space, and the output basis
-B is the routed output transform. Banks (several experts sharing one factor set, as U-trimming writes them)
-are a routing remap: route over the E original experts, then map expert ids to bank ids with a lookup table,
-so the fused kernel holds K <= E banks.
+(the paper's Eq. 6-7 with a shared input basis A [r, H] and output basis B [H, r]; K <= E banks of
+factors after U-trimming). vLLM's MoE runner keeps everything outside the routed experts: the router
+(softmax, sigmoid with grouped top-k and a score-correction bias, sparsemixer...), the routed scaling
+factor, the shared experts and the tensor-parallel reduction. It hands this method the routing result
+(`topk_weights`, `topk_ids` over the E original experts); the method maps expert ids to bank ids, runs A,
+vLLM's own fused-experts kernel for the unquantized method (on CPU `cpu_fused_moe`) over the K banks in
+the r-dimensional space, and B. Layers stored without bases (`bases: false`, r = H) skip A and B.
 
-Tensor-parallel layout: A, B and the router are replicated on every rank; the fused-MoE loader shards the
-factors along the expert intermediate dimension (gate/up rows, down columns), never along the rank r. The
-routed output is reduced across ranks before or after B (B is linear and bias-free, so either is exact).
+Tensor / expert parallelism: A and B are replicated; the factors are sharded along the kept intermediate
+dimension I' (gate/up rows, down columns) over the ranks of the MoE layer, never along r. Each rank returns
+a partial sum; vLLM reduces it after this method (B is linear, so reducing after B is exact).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Sequence
 
 import torch
 from torch import nn
-from vllm.distributed import tensor_model_parallel_all_gather
-from vllm.model_executor.layers.fused_moe import FusedMoEFactory, GateLinear
+from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoEParallelConfig
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 from vllm.model_executor.layers.linear import ReplicatedLinear
-from vllm.model_executor.models.utils import sequence_parallel_chunk
 
+from moesvd_vllm.architectures import MoEDims, moe_layout
+from moesvd_vllm.errors import MoESVDError
 from moesvd_vllm.format.schema import CONFIG_KEY, LayerSpec, MoESVDConfig, SchemaError
 
 logger = logging.getLogger("vllm.moesvd_vllm.layers")
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Parameter names of the two shared bases on the MoE block (the checkpoint names of the schema).
+# Parameter names of the two shared bases (also their names in the checkpoint, under the MoE block).
 INPUT_BASIS = "moe_svd_in"
 OUTPUT_BASIS = "moe_svd_out"
 
 
-class CompressionConfigError(ValueError):
+class CompressionConfigError(MoESVDError):
     """The compressed checkpoint cannot be served by this plugin; the message says why and what to do."""
 
 
@@ -68,117 +72,179 @@ def torch_dtype(name: str) -> torch.dtype:
     return _TORCH_DTYPES[name]
 
 
-class BasisProjection(ReplicatedLinear):
-    """One shared basis (A: H -> r, or B: r -> H), replicated on every rank, kept in its stored dtype.
+def _factor_shards(parallel: FusedMoEParallelConfig) -> tuple[int, int]:
+    """(rank, count) of the split of every bank's intermediate neurons over this MoE layer's ranks.
 
-    Bases may be stored in float32 while the model runs in bfloat16 (faster on CPUs without native bf16
-    matmul, and more accurate): the input is cast to the basis dtype and the result back to the input dtype.
+    Tensor parallelism splits them over the TP group. Expert parallelism (without data parallelism) puts
+    the same ranks in the EP group; banks are few and shared by several experts, so the plugin splits
+    every bank's neurons over the EP group instead of placing whole banks: the output is a partial sum
+    either way, and vLLM all-reduces it over the same group.
+    """
+    if parallel.use_ep:
+        return parallel.ep_rank, parallel.ep_size
+    return parallel.tp_rank, parallel.tp_size
+
+
+class SharedBasisExperts(FusedMoEMethodBase):
+    """`FusedMoEMethodBase` of one decomposed layer: A, the fused kernel over K banks, B.
+
+    Parameters it creates on vLLM's `RoutedExperts` layer (names under `...experts.routed_experts.`):
+    `w13_weight` [K, 2 I'/n, r] and `w2_weight` [K, r, I'/n] (n ranks; vLLM's own unquantized fused-MoE
+    method creates, prepacks and runs them, configured for K experts of hidden size r), and, with bases,
+    the modules `moe_svd_in` (weight [r, H]) and `moe_svd_out` (weight [H, r]), vLLM ReplicatedLinear
+    layers in the wider of the model and the stored basis dtype.
     """
 
-    def __init__(self, input_size: int, output_size: int, basis_dtype: torch.dtype, prefix: str):
-        super().__init__(input_size, output_size, bias=False, params_dtype=basis_dtype, quant_config=None,
-                         prefix=prefix, return_bias=False)
-        self.basis_dtype = basis_dtype
-        # Bias-free and unquantized: the tensor-parallel sum commutes with it (sum_r B z_r = B sum_r z_r),
-        # so vLLM may reduce the routed output after the output basis.
-        self.reduce_commutative = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.to(self.basis_dtype)).to(x.dtype)
-
-
-class BankRouting(nn.Module):
-    """Original routing over E experts, then expert id -> bank id through a lookup table.
-
-    Passed to vLLM's fused MoE as `custom_routing_function`: plain tensor ops (softmax, top-k, an index), so
-    torch.compile traces through it. The weights follow the original architecture: softmax over all E
-    logits, top-k, and renormalisation over the k chosen when `renormalize` (Qwen3-MoE `norm_topk_prob`,
-    Mixtral always). Two chosen experts may share a bank; each still contributes with its own weight.
-    """
-
-    def __init__(self, bank_map: Sequence[int]):
-        super().__init__()
-        self.register_buffer("bank_of_expert", torch.tensor(list(bank_map), dtype=torch.int32),
-                             persistent=False)
-
-    def forward(self, hidden_states: torch.Tensor, gating_output: torch.Tensor, topk: int,
-                renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        probabilities = torch.softmax(gating_output.float(), dim=-1)
-        weights, experts = torch.topk(probabilities, k=topk, dim=-1)
-        if renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        banks = self.bank_of_expert[experts.long()]
-        return weights.to(torch.float32), banks.to(torch.int32)
-
-
-def is_identity(bank_map: Sequence[int]) -> bool:
-    return list(bank_map) == list(range(len(bank_map)))
-
-
-class LowRankSharedBasisMoE(nn.Module):
-    """A decomposed MoE layer: router on x, input basis A, fused MoE over K banks in rank space, basis B.
-
-    Checkpoint names under this block (`prefix`): `gate.weight` [E, H] (router, unchanged),
-    `moe_svd_in.weight` [r, H], `moe_svd_out.weight` [H, r] (absent when `spec.bases` is false),
-    `experts.k.<gate>.weight` [I', r], `experts.k.<up>.weight` [I', r], `experts.k.<down>.weight` [r, I']
-    for banks k < K, with I' = `intermediate_size` (the kept neurons).
-    """
-
-    def __init__(self, *, vllm_config, spec: LayerSpec, hidden_size: int, intermediate_size: int,
-                 top_k: int, renormalize: bool, expert_names: tuple[str, str, str], prefix: str,
-                 shared_experts: nn.Module | None = None, activation: str = "silu"):
-        super().__init__()
-        parallel_config = vllm_config.parallel_config
-        if parallel_config.enable_eplb:
+    def __init__(self, moe: FusedMoEConfig, spec: LayerSpec, dims: MoEDims, model_type: str,
+                 layer_index: int):
+        super().__init__(moe)
+        parallel = moe.moe_parallel_config
+        where = f"decoder layer {layer_index} ({CONFIG_KEY}.layers.{layer_index})"
+        if parallel.enable_eplb:
             raise CompressionConfigError(
-                f"{prefix}: expert-parallel load balancing (--enable-eplb) is not supported for "
-                "MoE-SVD compressed layers; start the server without it")
-        self.hidden_size = hidden_size
+                f"{where}: expert-parallel load balancing (--enable-eplb) cannot move MoE-SVD banks; "
+                "start the server without it")
+        if parallel.dp_size > 1 or parallel.pcp_size > 1:
+            raise CompressionConfigError(
+                f"{where}: data / context parallelism across the MoE layer is not supported for "
+                "MoE-SVD compressed layers; use --tensor-parallel-size (with or without "
+                "--enable-expert-parallel)")
+        self.spec = spec
+        self.layer_index = layer_index
         self.rank = spec.rank
-        self.num_experts = spec.num_experts
-        self.num_banks = spec.num_banks
-        self.is_sequence_parallel = parallel_config.use_sequence_parallel_moe
-        basis_dtype = torch_dtype(spec.basis_dtype)
+        self.hidden_size = dims.hidden
+        self.kept_intermediate = spec.kept_intermediate(dims)
+        self.shard_rank, self.num_shards = _factor_shards(parallel)
+        if self.kept_intermediate % self.num_shards:
+            raise CompressionConfigError(
+                f"{where}: {self.kept_intermediate} kept intermediate neurons per bank do not split over "
+                f"{self.num_shards} ranks; serve with a parallel size that divides it")
+        self.local_intermediate = self.kept_intermediate // self.num_shards
+        self.basis_dtype = torch_dtype(spec.basis_dtype)
+        # The K banks seen as an ordinary MoE layer of K experts with hidden size r and intermediate I',
+        # sharded n ways like a tensor-parallel layer (see _factor_shards).
+        bank_parallel = dataclasses.replace(parallel, tp_size=self.num_shards, tp_rank=self.shard_rank,
+                                            ep_size=1, ep_rank=0, use_ep=False)
+        self.bank_moe = dataclasses.replace(
+            moe, num_experts=spec.num_banks, num_local_experts=spec.num_banks,
+            num_logical_experts=spec.num_banks, hidden_dim=spec.rank, hidden_dim_unpadded=None,
+            intermediate_size=self.kept_intermediate, intermediate_size_per_partition_unpadded=None,
+            intermediate_pad=None, moe_parallel_config=bank_parallel)
+        self.bank_method = UnquantizedFusedMoEMethod(self.bank_moe)
+        layout = moe_layout(model_type)
+        block = f"model.layers.{layer_index}.{layout.moe_module}"
+        self.checkpoint_names = {INPUT_BASIS: f"{block}.{INPUT_BASIS}.weight",
+                                 OUTPUT_BASIS: f"{block}.{OUTPUT_BASIS}.weight"}
+        self.factor_names = {"w1": layout.gate_proj, "w3": layout.up_proj, "w2": layout.down_proj}
+        self.block_prefix = block
+        self.remap = list(spec.bank_map) != list(range(spec.num_experts))
+        self.has_bases = spec.bases
 
-        self.gate = GateLinear(hidden_size, spec.num_experts, quant_config=None, prefix=f"{prefix}.gate")
-        self.shared_experts = shared_experts
-        # Bases before experts: the runner holds the same modules, and this order keeps their parameter
-        # names `<prefix>.moe_svd_in.weight` / `<prefix>.moe_svd_out.weight`. A layer reduced only in its
-        # intermediate size (`bases: false`, r = H) has none: the experts run on x itself.
-        self.moe_svd_in = self.moe_svd_out = None
-        if spec.bases:
-            self.moe_svd_in = BasisProjection(hidden_size, spec.rank, basis_dtype, f"{prefix}.{INPUT_BASIS}")
-            self.moe_svd_out = BasisProjection(spec.rank, hidden_size, basis_dtype,
-                                               f"{prefix}.{OUTPUT_BASIS}")
-        self.bank_routing = None if is_identity(spec.bank_map) else BankRouting(spec.bank_map)
-        gate_name, up_name, down_name = expert_names
-        self.experts = FusedMoEFactory(
-            num_experts=spec.num_banks,
-            top_k=top_k,
-            hidden_size=spec.rank,
-            intermediate_size=intermediate_size,
-            renormalize=renormalize,
-            quant_config=None,
-            prefix=f"{prefix}.experts",
-            custom_routing_function=self.bank_routing,
-            activation=activation,
-            ckpt_names=(gate_name, down_name, up_name),
-            is_sequence_parallel=self.is_sequence_parallel,
-            shared_experts=shared_experts,
-            routed_input_transform=self.moe_svd_in,
-            routed_output_transform=self.moe_svd_out,
-        )
+    # ------------------------------------------------------------------------------------- weights
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        original_shape = hidden_states.shape
-        num_tokens = hidden_states.shape[0] if hidden_states.dim() > 1 else 1
-        hidden_states = hidden_states.view(-1, self.hidden_size)
-        if self.is_sequence_parallel:
-            hidden_states = sequence_parallel_chunk(hidden_states)
-        # Route on the full hidden state x; never hand `gate` to the runner, which would route on A x.
-        router_logits, _ = self.gate(hidden_states)
-        output = self.experts(hidden_states=hidden_states, router_logits=router_logits)
-        if self.is_sequence_parallel:
-            output = tensor_model_parallel_all_gather(output, 0)[:num_tokens]
-        return output.view(original_shape)
+    def maybe_roundup_sizes(self, hidden_size, intermediate_size_per_partition, act_dtype,
+                            moe_parallel_config):
+        # The layer's own sizes (H, I) stay as they are: vLLM's runner pads the activations to them.
+        return hidden_size, intermediate_size_per_partition
 
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype, **extra_weight_attrs):
+        rank, local = self.bank_method.maybe_roundup_sizes(
+            self.rank, self.local_intermediate, self.bank_moe.in_dtype, self.bank_moe.moe_parallel_config)
+        if rank != self.rank:
+            raise CompressionConfigError(
+                f"decoder layer {self.layer_index}: this vLLM fused-MoE backend needs the rank padded from "
+                f"{self.rank} to {rank}; re-compress with a rank multiple of {rank}")
+        # What vLLM's RoutedExperts does for its own config, here for the banks' config.
+        self.bank_moe.hidden_dim = rank
+        self.bank_moe.intermediate_size_per_partition = local
+        attrs = dict(extra_weight_attrs, weight_loader=self._load_factor, global_num_experts=self.spec.num_banks,
+                     unpadded_hidden_size=rank)
+        self.bank_method.create_weights(layer, self.spec.num_banks, rank, local, params_dtype, **attrs)
+        layer.w13_weight.data.zero_()  # padding beyond the loaded neurons must be zero
+        layer.w2_weight.data.zero_()
+        bank_of_expert = torch.tensor(self.spec.bank_map, dtype=torch.int64)
+        layer.register_buffer("moe_svd_bank_of_expert", bank_of_expert, persistent=False)
+        if self.has_bases:
+            # Each basis is computed in the wider of the activation and the stored dtype, so a bf16
+            # checkpoint served in float32 is not rounded to bf16 at the bases (and float32 bases of a bf16
+            # model keep their precision); the dtype is fixed here, once. vLLM's ReplicatedLinear: the same
+            # matrix on every rank, run by vLLM's own GEMM dispatch (prepacked on CPU).
+            self.compute_dtype = torch.promote_types(params_dtype, self.basis_dtype)
+            for name, (size_in, size_out) in ((INPUT_BASIS, (self.hidden_size, self.rank)),
+                                              (OUTPUT_BASIS, (self.rank, self.hidden_size))):
+                basis = ReplicatedLinear(size_in, size_out, bias=False, params_dtype=self.compute_dtype,
+                                         quant_config=None, prefix=f"{layer.layer_name}.{name}",
+                                         return_bias=False)
+                layer.add_module(name, basis)
+
+    def _load_factor(self, param: nn.Parameter, loaded_weight: torch.Tensor, weight_name: str, shard_id: str,
+                     expert_id: int, return_success: bool = False) -> bool | None:
+        """Load bank `expert_id`'s gate (w1), up (w3) or down (w2) factor, this rank's neurons only.
+
+        vLLM's expert loaders call this with the checkpoint tensor of `experts.<k>.<projection>`; the bank
+        index k plays the expert index (banks are experts 0..K-1 of this layer's fused MoE).
+        """
+        name = f"{self.block_prefix}.experts.{expert_id}.{self.factor_names.get(shard_id, shard_id)}.weight"
+        if not 0 <= expert_id < self.spec.num_banks:
+            raise CompressionConfigError(
+                f"decoder layer {self.layer_index}, tensor {name}: bank {expert_id} does not exist (the "
+                f"layer has {self.spec.num_banks} bank(s)); dense or stale expert tensors left in a "
+                "compressed layer? Re-create the checkpoint with `moesvd compress`.")
+        gate_or_up = shard_id in ("w1", "w3")
+        expected = (self.kept_intermediate, self.rank) if gate_or_up else (self.rank, self.kept_intermediate)
+        if tuple(loaded_weight.shape) != expected:
+            raise CompressionConfigError(
+                f"decoder layer {self.layer_index}, tensor {name}: shape {list(loaded_weight.shape)}, "
+                f"expected {list(expected)} (rank {self.rank}, {self.kept_intermediate} kept neurons)")
+        start, size = self.shard_rank * self.local_intermediate, self.local_intermediate
+        bank = param.data[expert_id]
+        if gate_or_up:
+            half = bank.shape[0] // 2  # [gate; up], each padded to the kernel's intermediate size
+            offset = 0 if shard_id == "w1" else half
+            bank[offset:offset + size].copy_(loaded_weight[start:start + size])
+        else:
+            bank[:, :size].copy_(loaded_weight[:, start:start + size])
+        return True if return_success else None
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        # vLLM's unquantized method prepacks the factors for its kernel and builds the kernel. It reads the
+        # expert geometry from `layer.moe_config`: show it the banks' config while it does.
+        layer_config = layer.moe_config
+        layer.moe_config = self.bank_moe
+        try:
+            self.bank_method.process_weights_after_loading(layer)
+        finally:
+            layer.moe_config = layer_config
+        self.moe_kernel = self.bank_method.moe_kernel
+        self.moe_quant_config = self.bank_method.moe_quant_config
+        if self.moe_kernel.is_monolithic:  # routes by itself from router logits: no place for the bank map
+            raise CompressionConfigError(
+                f"decoder layer {self.layer_index}: vLLM picked a monolithic fused-MoE kernel "
+                f"({type(self.moe_kernel.fused_experts).__name__}) that routes internally; MoE-SVD layers "
+                "need a modular one (choose another backend with --moe-backend)")
+
+    def get_fused_moe_quant_config(self, layer: nn.Module):
+        return self.bank_method.get_fused_moe_quant_config(layer)
+
+    @property
+    def supports_eplb(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------------------------------- forward
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              shared_experts, shared_experts_input: torch.Tensor | None) -> torch.Tensor:
+        latent = x
+        if self.has_bases:
+            latent = layer.moe_svd_in(x.to(self.compute_dtype)).to(x.dtype)
+        if self.remap:  # expert ids -> bank ids (U-trimming); a tensor index, traceable by torch.compile
+            topk_ids = layer.moe_svd_bank_of_expert[topk_ids.long()].to(topk_ids.dtype)
+        out = self.moe_kernel.apply(
+            hidden_states=latent, w1=layer.w13_weight, w2=layer.w2_weight, topk_weights=topk_weights,
+            topk_ids=topk_ids, activation=layer.activation, global_num_experts=self.spec.num_banks,
+            expert_map=None, apply_router_weight_on_input=layer.apply_router_weight_on_input,
+            shared_experts=shared_experts, shared_experts_input=shared_experts_input)
+        if self.has_bases:
+            out = layer.moe_svd_out(out.to(self.compute_dtype)).to(x.dtype)
+        return out

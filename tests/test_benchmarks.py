@@ -84,7 +84,7 @@ def test_run_perf_tiny(tmp_path):
     assert abs(results["summary"]["dense_weights"]["deviation"]) < 1e-9
     assert results["compression"][0]["peak_rss_bytes"] > 0
     description = results["offline"]["pairs"][0]["compressed"]["description"]
-    assert description["block_class"] == "LowRankSharedBasisMoE"
+    assert description["quant_method"] == "SharedBasisExperts"  # the plugin's method on vLLM's own block
     neurons = results["summary"]["pairs"][1]
     assert neurons["variant"] == "0.4-neurons" and not neurons["bases"] and neurons["intermediate"] == 80
     assert neurons["ideal_bytes_ratio"] == pytest.approx(128 / 80)
