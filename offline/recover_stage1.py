@@ -151,6 +151,8 @@ def run_stage1(teacher: LayerwiseModel, student: CompressedSource, train: torch.
     decomposed = student.block.decomposed_layers
     streams = _Stream(teacher, train, settings), _Stream(teacher, probe, settings)
     results: list[LayerResult] = []
+    logger.info("stage 1: %d decomposed layer(s), %d steps each, %d training tokens", len(decomposed),
+                settings.steps, train.numel())
     for index in tqdm(range(max(decomposed) + 1), desc="stage 1 (layer-wise)", disable=None):
         started = time.perf_counter()
         layer = teacher.build_layer(index).to(device=settings.device, dtype=settings.dtype)
