@@ -41,6 +41,8 @@ from offline.recover_data import bundled_test_split, load_distillation_data
 logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+STAGE1_INPUTS = ("teacher", "student")
+DTYPES = ("float32", "bfloat16")
 RECORD_KEY = "recovery"
 REPORT_FILE = "recovery_report.json"
 
@@ -67,13 +69,16 @@ class RecoveryOptions:
     stage1_steps: int = option(300, "Adam steps per decomposed layer in stage 1")
     stage1_lr: float = option(1e-2, "stage 1 step size, relative to each tensor's RMS (cosine-decayed)")
     stage1_batch_tokens: int = option(2048, "tokens per stage-1 step")
+    stage1_inputs: str = option("teacher", "stage 1 passes on the dense layer's outputs ('teacher') or the "
+                                "recovered layer's ('student', as compression's propagate=compressed)",
+                                choices=STAGE1_INPUTS)
     stage2_steps: int = option(300, "Adam steps of stage 2")
     stage2_lr: float = option(3e-3, "stage 2 step size, relative to each tensor's RMS (cosine-decayed)")
     train_routers: bool = option(False, "also train the routers of the decomposed layers")
     seed: int = option(0, "seed of the window draw, batch order and everything random")
     device: str = option("auto", "where to train: auto (cuda when present), cpu, cuda", choices=DEVICES)
     dtype: str = option("float32", "training dtype (the output keeps each tensor's stored dtype)",
-                        choices=("float32", "bfloat16"))
+                        choices=DTYPES)
     force: bool = option(False, "replace an existing output directory")
 
     def __post_init__(self) -> None:
@@ -89,6 +94,9 @@ class RecoveryOptions:
         for name in ("stage1_lr", "stage2_lr"):
             if not getattr(self, name) > 0:
                 raise RecoveryOptionsError(f"{name} must be positive, got {getattr(self, name)}")
+        for name, allowed in (("device", DEVICES), ("dtype", DTYPES), ("stage1_inputs", STAGE1_INPUTS)):
+            if getattr(self, name) not in allowed:
+                raise RecoveryOptionsError(f"{name} {getattr(self, name)!r} is not one of {allowed}")
         if self.seq_len < 2:
             raise RecoveryOptionsError(f"seq_len must be >= 2 (next-token targets), got {self.seq_len}")
 
@@ -141,7 +149,8 @@ def recover(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike, optio
     with CompressedCheckpointWriter(inputs.original_config, out_dir, replace=options.force) as writer:
         if options.stage1:
             settings = Stage1Settings(options.stage1_steps, options.stage1_lr, options.stage1_batch_tokens,
-                                      options.batch_size, options.train_routers, options.seed, dtype, device)
+                                      options.batch_size, options.train_routers, options.stage1_inputs,
+                                      options.seed, dtype, device)
             clock = time.perf_counter()
             layers = run_stage1(LayerwiseModel(inputs.teacher, compute_dtype=dtype), student, data.train,
                                 data.eval, settings, trained.__setitem__)

@@ -2,15 +2,19 @@
 
 The teacher (dense checkpoint) runs one decoder layer at a time (`offline.layerwise.LayerwiseModel`, as
 compression does): at a decomposed layer the dense MoE block's inputs X and outputs Y on the distillation
-windows are captured (teacher inputs), the block's experts are then swapped for the compressed ones (the
-stored factors and bases, as trainable parameters; the router too with `train_routers`), and Adam
-minimises the relative block-output error
+windows are captured, the block's experts are then swapped for the compressed ones (the stored factors
+and bases, as trainable parameters; the router too with `train_routers`), and Adam minimises the
+relative block-output error
 
     || block_student(X) - Y ||^2 / || Y ||^2        over random batches of `stage1_batch_tokens` tokens,
 
-with a cosine-decayed learning rate relative to each tensor's RMS (`relative_adam`). The teacher's outputs
-are passed on to the next layer. In memory: one decoder layer (dense + compressed experts), the windows'
-hidden states, and X, Y of the current layer.
+with a cosine-decayed learning rate relative to each tensor's RMS (`relative_adam`). `inputs` chooses what
+is passed on to the next layer: "teacher" (the dense layer's outputs: every block learns the dense
+block's function on the dense model's activations), or "student" (the recovered layer's outputs, as
+compression's propagate="compressed": each block learns the dense block's function on the activations
+the recovered model will actually feed it, so it can also absorb the earlier layers' remaining error).
+In memory: one decoder layer (dense + compressed experts), the windows' hidden states, and X, Y of the
+current layer.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class Stage1Settings:
     batch_tokens: int
     batch_size: int  # windows per teacher forward
     train_routers: bool
+    inputs: str  # "teacher" or "student": whose outputs are passed on (module docstring)
     seed: int
     dtype: torch.dtype
     device: torch.device
@@ -61,7 +66,8 @@ class LayerResult:
     error_after: float
     probe_before: float  # on the probe windows (not trained on)
     probe_after: float
-    seconds: float
+    seconds: float  # the whole layer: build, teacher pass, training, error measurements
+    train_seconds: float  # the Adam steps alone
 
 
 def _to_device(inputs: LayerInputs, device: torch.device) -> LayerInputs:
@@ -138,8 +144,11 @@ class _Stream:
             self.inputs.append(_to_device(teacher.layer_inputs(h, None), settings.device))
             self.hidden.append(h.to(settings.device))
 
-    def advance(self, teacher: LayerwiseModel, layer: nn.Module, index: int) -> None:
+    def advance(self, teacher: LayerwiseModel, layer: nn.Module, index: int) -> list[torch.Tensor]:
+        """Run the layer; returns the hidden states it consumed (to run it again after training)."""
+        before = self.hidden
         self.hidden = [teacher.run_layer(layer, index, h, inp) for h, inp in zip(self.hidden, self.inputs)]
+        return before
 
 
 def run_stage1(teacher: LayerwiseModel, student: CompressedSource, train: torch.Tensor, probe: torch.Tensor,
@@ -157,12 +166,12 @@ def run_stage1(teacher: LayerwiseModel, student: CompressedSource, train: torch.
         started = time.perf_counter()
         layer = teacher.build_layer(index).to(device=settings.device, dtype=settings.dtype)
         block = teacher.moe_block(layer) if index in decomposed else None
-        captures = []
+        captures, consumed = [], []
         for stream in streams:  # the training windows, then the probe windows
             capture = _BlockCapture()
             handle = block.register_forward_hook(capture.hook) if block is not None else None
             try:
-                stream.advance(teacher, layer, index)
+                consumed.append(stream.advance(teacher, layer, index))
             finally:
                 if handle is not None:
                     handle.remove()
@@ -175,15 +184,22 @@ def run_stage1(teacher: LayerwiseModel, student: CompressedSource, train: torch.
             stored = trainable_parameters(block.experts, block, student.spec(index), student.model_type, index,
                                           settings.train_routers)
             before, probe_before = block_error(block, x, y), block_error(block, px, py)
+            clock = time.perf_counter()
             train_block(block, stored, x, y, settings, generator, f"layer {index}")
+            trained = time.perf_counter() - clock
             result = LayerResult(index, before, block_error(block, x, y), probe_before,
-                                 block_error(block, px, py), time.perf_counter() - started)
-            logger.info("stage 1 layer %d: relative block error %.4g -> %.4g (probe %.4g -> %.4g), %.1f s",
-                        index, result.error_before, result.error_after, result.probe_before, result.probe_after,
-                        result.seconds)
+                                 block_error(block, px, py), time.perf_counter() - started, trained)
+            logger.info("stage 1 layer %d: relative block error %.4g -> %.4g (probe %.4g -> %.4g), %.1f s "
+                        "(%.1f s training)", index, result.error_before, result.error_after, result.probe_before,
+                        result.probe_after, result.seconds, result.train_seconds)
             results.append(result)
             for s in stored:
                 sink(s.name, s.value().cpu())
             del x, y, px, py
+            if settings.inputs == "student":  # pass the recovered layer's outputs on instead
+                for stream, hidden in zip(streams, consumed):
+                    stream.hidden = hidden
+                    stream.advance(teacher, layer, index)
+        del consumed
         del layer, block
     return results

@@ -227,3 +227,59 @@ def test_recovered_bundled_checkpoint_serves_like_the_reference(tmp_path_factory
     # and recovery changed the model: the compressed input's reference differs from it
     before = reference_score(load_reference_model(compressed, dtype="float32").eval(), prompts)
     assert max_logprob_difference(before, reference) > 10 * REFERENCE_TOLERANCE
+
+
+# ------------------------------------------------------------------------------------------ shared core
+def _random_factors(num_experts=3, d_out=12, d_in=8, rank=2, seed=0):
+    from offline.shared_core import ProjectionFactors
+
+    g = torch.Generator().manual_seed(seed)
+    return ProjectionFactors(*(torch.randn(*shape, generator=g, dtype=torch.float64) for shape in
+                               ((d_out, d_in), (num_experts, d_in, rank), (num_experts, d_in, rank),
+                                (num_experts, d_out, rank), (num_experts, d_out, rank))))
+
+
+def test_shared_core_weights_are_the_wrapped_core():
+    f = _random_factors()
+    eye_in, eye_out = torch.eye(8, dtype=torch.float64), torch.eye(12, dtype=torch.float64)
+    for e in range(3):
+        explicit = (eye_out + f.out_u[e] @ f.out_v[e].T) @ f.core @ (eye_in + f.in_u[e] @ f.in_v[e].T)
+        torch.testing.assert_close(f.weights()[e], explicit, rtol=0, atol=1e-12)
+
+
+def test_shared_core_experts_compute_their_dense_weights():
+    """The reference module's forward equals routing over the dense experts it stands for."""
+    from offline.reference import combine_selected_experts
+    from offline.shared_core import SharedCoreExperts
+
+    factors = {"gate": _random_factors(4, 6, 8, 2, 1), "up": _random_factors(4, 6, 8, 2, 2),
+               "down": _random_factors(4, 8, 6, 2, 3)}
+    module = SharedCoreExperts(factors, torch.nn.functional.silu, dtype=torch.float64)
+    gate, up, down = module.dense_weights()
+    x = torch.randn(10, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    index = torch.randint(0, 4, (10, 2), generator=torch.Generator().manual_seed(5))
+    weights = torch.rand(10, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+
+    def dense(e, rows):
+        return (torch.nn.functional.silu(rows @ gate[e].T) * (rows @ up[e].T)) @ down[e].T
+
+    expected = combine_selected_experts(x, index, weights, 4, 8, dense)
+    # float64 through two different association orders of the same products: ~1e-13 relative
+    torch.testing.assert_close(module(x, index, weights), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_shared_core_fit_improves_on_the_mean_core():
+    """Experts = a common matrix + a rank-2 per-expert part: the rank-2 wrappers fit them far better than
+    the mean (the zero-shot init), deterministically."""
+    from offline.shared_core import FitSettings, fit_projection
+
+    g = torch.Generator().manual_seed(0)
+    common = torch.randn(16, 12, generator=g)
+    weights = torch.stack([common + torch.randn(16, 2, generator=g) @ torch.randn(2, 12, generator=g) * 0.5
+                           for _ in range(4)])
+    grams = torch.eye(12).expand(4, 12, 12).contiguous()
+    settings = FitSettings(steps=200, lr=3e-2)
+    factors, start, end = fit_projection(weights, grams, 2, settings, "test")
+    again, _, end_again = fit_projection(weights, grams, 2, settings, "test")
+    assert end < 0.25 * start
+    assert end == end_again and torch.equal(factors.core, again.core)
