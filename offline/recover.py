@@ -125,47 +125,26 @@ def _held_out_files(options: RecoveryOptions) -> tuple[Path, ...]:
 def recover(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike, options: RecoveryOptions) -> Path:
     """Distil `compressed_dir` toward `options.teacher` into a new checkpoint at `out_dir`."""
     from moesvd_vllm.format.writer import CompressedCheckpointWriter
-    from offline.layerwise import LayerwiseModel
     from offline.recover_params import CompressedSource
-    from offline.recover_stage1 import Stage1Settings, run_stage1
-    from offline.recover_stage2 import Stage2Settings, check_stage2_memory, run_stage2
+    from offline.recover_stage2 import check_stage2_memory
 
     started = time.perf_counter()
     torch.manual_seed(options.seed)
-    device, dtype = options.torch_device(), getattr(torch, options.dtype)
     inputs = check_inputs(compressed_dir, options.teacher, out_dir, options.force)
     student = CompressedSource(inputs.compressed, inputs.block, inputs.dims)
     data = load_distillation_data(options.data, inputs.tokenizer_dir, num_samples=options.num_samples,
                                   eval_samples=options.eval_samples, seq_len=options.seq_len,
                                   batch_size=options.batch_size, seed=options.seed,
                                   held_out=_held_out_files(options))
-    stage2 = Stage2Settings(options.stage2_steps, options.stage2_lr, options.batch_size, options.train_routers,
-                            options.seed, dtype, device)
     if options.stage2:
-        check_stage2_memory(inputs.teacher, inputs.teacher_config, inputs.block, inputs.trainable_params, stage2,
-                            options.seq_len)
-    report: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads()}
-    trained: dict[str, torch.Tensor] = {}
+        check_stage2_memory(inputs.teacher, inputs.teacher_config, inputs.block, inputs.trainable_params,
+                            _stage2_settings(options), options.seq_len)
     with CompressedCheckpointWriter(inputs.original_config, out_dir, replace=options.force) as writer:
-        if options.stage1:
-            settings = Stage1Settings(options.stage1_steps, options.stage1_lr, options.stage1_batch_tokens,
-                                      options.batch_size, options.train_routers, options.stage1_inputs,
-                                      options.seed, dtype, device)
-            clock = time.perf_counter()
-            layers = run_stage1(LayerwiseModel(inputs.teacher, compute_dtype=dtype), student, data.train,
-                                data.eval, settings, trained.__setitem__)
-            report["stage1"] = {"seconds": time.perf_counter() - clock,
-                                "layers": [dataclasses.asdict(r) for r in layers]}
-        if options.stage2:
-            result, trained = run_stage2(inputs.teacher, inputs.compressed, inputs.block, student.model_type,
-                                         trained, data.train, data.eval, stage2)
-            report["stage2"] = dataclasses.asdict(result)
+        output = _Output(writer, student)
+        report = _train(inputs, student, data, options, output)
         report["seconds"] = time.perf_counter() - started
         report["peak_rss_bytes"] = _peak_rss_bytes()
-        with writer.stage("recovery"):
-            for name in student.tensors.names():
-                stored_dtype = getattr(torch, student.tensors.dtype(name))
-                writer.add(name, trained[name].to(stored_dtype) if name in trained else student.tensors.get(name))
+        output.copy_the_rest()
         record = {**options.recorded(), "teacher": str(inputs.teacher), "data_sha256": data.sha256,
                   "data_tokens": data.stream_tokens, "summary": _summary(report)}
         previous = list(inputs.block.options.get(RECORD_KEY) or [])
@@ -176,6 +155,64 @@ def recover(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike, optio
     logger.info("wrote %s (%s, %d decomposed layers recovered) in %.1f s", out_dir, block.method,
                 len(block.decomposed_layers), report["seconds"])
     return Path(out_dir)
+
+
+def _stage2_settings(options: RecoveryOptions):
+    from offline.recover_stage2 import Stage2Settings
+
+    return Stage2Settings(options.stage2_steps, options.stage2_lr, options.batch_size, options.train_routers,
+                          options.seed, getattr(torch, options.dtype), options.torch_device())
+
+
+class _Output:
+    """The output checkpoint's tensors: trained ones (each in its stored dtype) as they are final, then
+    every other tensor of the compressed checkpoint copied."""
+
+    def __init__(self, writer, student) -> None:
+        self.writer, self.student = writer, student
+        self.written: set[str] = set()
+
+    def add(self, name: str, tensor: torch.Tensor, stage: str) -> None:
+        self.writer.add(name, tensor.to(getattr(torch, self.student.tensors.dtype(name))), stage=stage)
+        self.written.add(name)
+
+    def copy_the_rest(self) -> None:
+        from moesvd_vllm.format.writer import COPIED
+
+        for name in self.student.tensors.names():
+            if name not in self.written:
+                self.writer.add(name, self.student.tensors.get(name), stage=COPIED)
+
+
+def _train(inputs, student, data, options: RecoveryOptions, output: _Output) -> dict[str, Any]:
+    """Stage 1 and/or stage 2; the trained tensors go to `output` (at once per layer when stage 1 runs
+    alone; after stage 2 otherwise, which needs stage 1's tensors in memory)."""
+    from offline.layerwise import LayerwiseModel
+    from offline.recover_stage1 import Stage1Settings, run_stage1
+    from offline.recover_stage2 import run_stage2
+
+    device, dtype = options.torch_device(), getattr(torch, options.dtype)
+    report: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads()}
+    trained: dict[str, torch.Tensor] = {}
+    if options.stage1:
+        settings = Stage1Settings(options.stage1_steps, options.stage1_lr, options.stage1_batch_tokens,
+                                  options.batch_size, options.train_routers, options.stage1_inputs, options.seed,
+                                  dtype, device)
+
+        def spill(name: str, tensor: torch.Tensor) -> None:
+            output.add(name, tensor, "stage 1 (layer-wise recovery)")
+
+        clock = time.perf_counter()
+        layers = run_stage1(LayerwiseModel(inputs.teacher, compute_dtype=dtype), student, data.train, data.eval,
+                            settings, trained.__setitem__ if options.stage2 else spill)
+        report["stage1"] = {"seconds": time.perf_counter() - clock, "layers": [dataclasses.asdict(r) for r in layers]}
+    if options.stage2:
+        result, trained = run_stage2(inputs.teacher, inputs.compressed, inputs.block, student.model_type, trained,
+                                     data.train, data.eval, _stage2_settings(options))
+        report["stage2"] = dataclasses.asdict(result)
+        for name, tensor in trained.items():
+            output.add(name, tensor, "stage 2 (end-to-end recovery)")
+    return report
 
 
 def _peak_rss_bytes() -> int:

@@ -173,7 +173,7 @@ def run_stage2(teacher_dir, compressed_dir, block_config, model_type: str, train
         loss.backward()
         optimizer.step()
         schedule.step()
-        progress.set_postfix(kl=f"{float(loss):.4f}")
+        progress.set_postfix(kl=f"{float(loss.detach()):.4f}")
     set_trainable(student, [])
     result = Stage2Result(kl_before, mean_kl(teacher, student, train, settings.batch_size, settings.device),
                           probe_before, mean_kl(teacher, student, probe, settings.batch_size, settings.device),

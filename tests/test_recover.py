@@ -144,6 +144,16 @@ def test_a_directory_that_is_not_ours_is_refused(tiny_compressed, tmp_path):
              "moe_svd")
 
 
+def test_cli_reports_bad_input_cleanly(tiny_compressed, tmp_path, capsys):
+    from moesvd_vllm.cli import main
+
+    dense, _ = tiny_compressed
+    out = tmp_path / "out"
+    assert main(["recover", str(dense), "--teacher", str(dense), "--data", str(TRAIN), "--out", str(out)]) == 1
+    assert "moesvd recover: error:" in capsys.readouterr().out
+    assert not out.exists()
+
+
 def test_data_shorter_than_a_batch_is_refused(tiny_compressed, tmp_path):
     dense, compressed = tiny_compressed
     short = tmp_path / "short.txt"
