@@ -5,7 +5,8 @@
 * dense checkpoint (no `moe_svd` block): plain `AutoModelForCausalLM.from_pretrained`;
 * compressed checkpoint: the ORIGINAL architecture is built from config.json (`moe_svd` removed,
   `architectures` set back to `moe_svd.original_architectures`), and in each decomposed layer the MoE
-  block's `experts` module is replaced by `SharedBasisExperts` or `PerExpertLowRankExperts`.
+  block's `experts` module is replaced by `SharedBasisExperts`, `PerExpertLowRankExperts` or
+  (form "shared_core") `offline.shared_core.SharedCoreExperts`.
 
 Only `experts` is replaced, so routing is the original block's own code: its router (softmax / sigmoid /
 sparsemixer, top-k, renormalisation rules), shared experts (qwen2_moe, deepseek_v2) and output scaling
@@ -278,6 +279,10 @@ def _build_compressed_experts(tensors: CheckpointTensors, model_type: str, layer
         module = SharedBasisExperts(input_basis, output_basis, factors["gate"],
                                     factors["up"], factors["down"], spec.bank_map, act_fn, dtype=dtype,
                                     basis_dtype=basis_dtype)
+    elif spec.form == "shared_core":  # offline/shared_core.py
+        from offline.shared_core import experts_from_tensors
+
+        module = experts_from_tensors(tensors.get, prefix, projections, spec.num_experts, act_fn, dtype)
     else:
         factors = {}
         for what, proj in projections.items():

@@ -21,7 +21,11 @@ Two optional reductions (format version 2): `intermediate` I' < I keeps I' inter
 [H, I'] (a layer reduced by intermediate-neuron selection alone).
 The router (`mlp.gate`) and everything else keeps the original names and shapes. The "per_expert" form
 (baselines: plain / whitened per-expert SVD) stores `experts.e.{gate,up,down}_proj.{lora_a,lora_b}` with
-W ~= lora_b @ lora_a; only the PyTorch reference evaluates it, the plugin refuses it.
+W ~= lora_b @ lora_a; only the PyTorch reference evaluates it, the plugin refuses it. The "shared_core"
+form (offline/shared_core.py, seed 001) stores per projection one core C shared by the layer's experts,
+`moe_svd_core.{gate,up,down}_proj.weight` ([I, H], [I, H], [H, I]), and per expert low-rank wrappers
+`experts.e.{proj}.{in_u,in_v}` [d_in, r] and `.{out_u,out_v}` [d_out, r] with
+W_e ~= (1 + out_u out_v^T) C (1 + in_u in_v^T); offline only as well (the plugin refuses it).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ CONFIG_KEY = "moe_svd"
 RANK_MULTIPLE = 32  # vLLM's CPU fused-MoE kernel needs the expert hidden size (here: r) % 32 == 0
 INTERMEDIATE_MULTIPLE = 8  # kept intermediate neurons per expert: a multiple of this (vLLM pads to its tiles)
 
-FORMS = ("shared_basis", "per_expert")
+FORMS = ("shared_basis", "per_expert", "shared_core")
 BASIS_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -70,7 +74,7 @@ def _from_dict(cls, data: Any, where: str):
 class LayerSpec:
     """One decomposed MoE layer."""
 
-    form: str  # "shared_basis" (servable) or "per_expert" (baselines)
+    form: str  # "shared_basis" (servable), "per_expert" (baselines) or "shared_core" (offline)
     rank: int  # r: columns of the rank space (shared_basis: a multiple of RANK_MULTIPLE)
     num_experts: int  # E: routed experts of the original layer
     bank_map: list[int]  # expert e -> bank k (identity when nothing was trimmed)
@@ -103,8 +107,8 @@ class LayerSpec:
             raise SchemaError(
                 f"{where}.bank_map: banks must be the integers 0..K-1 each used at least once, got "
                 f"{sorted(banks)}")
-        if self.form == "per_expert" and self.bank_map != list(range(self.num_experts)):
-            raise SchemaError(f"{where}.bank_map: the per_expert form has no banks (identity map)")
+        if self.form != "shared_basis" and self.bank_map != list(range(self.num_experts)):
+            raise SchemaError(f"{where}.bank_map: the {self.form} form has no banks (identity map)")
         if self.basis_dtype not in BASIS_DTYPES:
             raise SchemaError(f"{where}.basis_dtype: {self.basis_dtype!r} is not one of {BASIS_DTYPES}")
         if self.intermediate is not None and (
@@ -112,10 +116,10 @@ class LayerSpec:
                 or self.intermediate % INTERMEDIATE_MULTIPLE):
             raise SchemaError(f"{where}.intermediate: must be a positive multiple of {INTERMEDIATE_MULTIPLE} "
                               f"or null, got {self.intermediate!r}")
-        if not isinstance(self.bases, bool) or (self.form == "per_expert" and not self.bases):
+        if not isinstance(self.bases, bool) or (self.form != "shared_basis" and not self.bases):
             raise SchemaError(f"{where}.bases: must be true or false (false only for the shared_basis form)")
-        if self.form == "per_expert" and self.intermediate is not None:
-            raise SchemaError(f"{where}.intermediate: the per_expert form keeps every intermediate neuron")
+        if self.form != "shared_basis" and self.intermediate is not None:
+            raise SchemaError(f"{where}.intermediate: the {self.form} form keeps every intermediate neuron")
 
     def validate_dims(self, dims: "MoEDims", where: str) -> None:
         """Checks that need the model's dimensions (the reader calls this with config.json's dims)."""
@@ -225,6 +229,14 @@ def expected_layer_tensors(model_type: str, layer_index: int, spec: LayerSpec, d
             for name, side in projections:
                 shape = (i, r) if side == "in" else (r, i)
                 out[f"{prefix}.experts.{k}.{name}.weight"] = (shape, model_dtype)
+    elif spec.form == "shared_core":
+        for name, side in projections:
+            out[f"{prefix}.moe_svd_core.{name}.weight"] = ((i, h) if side == "in" else (h, i), model_dtype)
+        for e in range(spec.num_experts):
+            for name, side in projections:
+                d_out, d_in = (i, h) if side == "in" else (h, i)
+                for factor, rows in (("in_u", d_in), ("in_v", d_in), ("out_u", d_out), ("out_v", d_out)):
+                    out[f"{prefix}.experts.{e}.{name}.{factor}"] = ((rows, r), model_dtype)
     else:
         for e in range(spec.num_experts):
             for name, side in projections:
@@ -239,6 +251,8 @@ def decomposed_layer_params(spec: LayerSpec, dims: MoEDims) -> int:
     r, h, i = spec.rank, dims.hidden, spec.kept_intermediate(dims)
     if spec.form == "shared_basis":
         return (2 * r * h if spec.bases else 0) + spec.num_banks * 3 * i * r
+    if spec.form == "shared_core":  # three cores + per expert and projection 2 r (d_in + d_out)
+        return 3 * i * h + spec.num_experts * 3 * 2 * r * (h + i)
     return spec.num_experts * r * 3 * (h + i)
 
 
