@@ -21,12 +21,18 @@ _HELP = "help"
 _FLAG = "flag"
 _PARSE = "parse"
 _CHOICES = "choices"
+_METAVAR = "metavar"
+_EXCLUSIVE = "exclusive"
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
-           parse: Callable[[str], Any] | None = None, choices: tuple | None = None) -> Any:
-    """A dataclass field with its CLI help. `parse` turns one command-line string into the value."""
-    metadata = {_HELP: help, _FLAG: flag, _PARSE: parse, _CHOICES: choices}
+           parse: Callable[[str], Any] | None = None, choices: tuple | None = None,
+           metavar: str | None = None, exclusive: str | None = None) -> Any:
+    """A dataclass field with its CLI help. `parse` turns one command-line string into the value;
+    `flag` replaces the generated `--field-name` (a boolean `--x` also gets `--no-x`); fields with the
+    same `exclusive` name cannot be given together on the command line (argparse mutually exclusive)."""
+    metadata = {_HELP: help, _FLAG: flag, _PARSE: parse, _CHOICES: choices, _METAVAR: metavar,
+                _EXCLUSIVE: exclusive}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata)
@@ -85,6 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...]
                   required: tuple[str, ...] = ()) -> None:
     """One `--flag` per field of `cls` (booleans get `--x/--no-x`); `required` fields must be given."""
     hints = typing.get_type_hints(cls)
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for field in dataclasses.fields(cls):
         if field.name in skip:
             continue
@@ -94,17 +101,24 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...]
                    else field.default_factory() if has_default else None)
         shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
         text = meta.get(_HELP, "")
-        kwargs: dict[str, Any] = {"dest": field.name,
-                                  "help": f"{text} (default: {shown})" if has_default else text}
+        show = has_default and default is not None and shown != ""  # "unset" defaults say so in the help
+        kwargs: dict[str, Any] = {"dest": field.name, "help": f"{text} (default: {shown})" if show else text}
         if hints[field.name] is bool:
             kwargs.update(action=argparse.BooleanOptionalAction, default=default)
         else:
             kwargs.update(type=meta.get(_PARSE) or _value_parser(hints[field.name]), default=default)
             if meta.get(_CHOICES):
                 kwargs["choices"] = meta[_CHOICES]
+            if meta.get(_METAVAR):
+                kwargs["metavar"] = meta[_METAVAR]
         if field.name in required or not has_default:
             kwargs["required"] = True
-        parser.add_argument(_flag(field), **kwargs)
+        target = parser
+        if meta.get(_EXCLUSIVE):
+            if meta[_EXCLUSIVE] not in groups:
+                groups[meta[_EXCLUSIVE]] = parser.add_mutually_exclusive_group()
+            target = groups[meta[_EXCLUSIVE]]
+        target.add_argument(_flag(field), **kwargs)
 
 
 def from_arguments(cls, args: argparse.Namespace, **overrides: Any):

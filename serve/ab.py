@@ -1,14 +1,14 @@
-"""`moesvd ab`: A/B compare two OpenAI-compatible servers on the same prompts (speed and quality).
+"""`moesvd ab`: A/B compare two OpenAI-compatible servers on the same prompts (speed, quality, tasks).
 
 Python API (used by `moesvd demo`):
     report = run_ab(ABOptions(a_url="http://127.0.0.1:8000", b_url="http://127.0.0.1:8001"))
     print(report.to_console()); report.to_markdown(); report.write(out_dir)
 
-Order of work: resolve both arms (model names from /v1/models when not given) -> one warm-up request
-per arm -> for each load level, the same prompts to A and to B (the order alternates between levels,
-A-B, B-A, ..., so slow drift on a shared machine does not favour one arm) -> quality requests (echo +
-logprobs + greedy continuation) -> report. The arms are never loaded at the same time.
-Speed definitions: serve/speed.py (those of `vllm bench serve`); quality: serve/quality.py.
+Order of work: resolve both arms (model names from /v1/models when not given; with --tasks also
+lm-eval, the tasks, a tokenizer and a log-probability probe per arm: every check before any load) ->
+speed: per load level a warm-up of each arm, then alternating rounds (A-B, B-A, A-B, ...; serve/ab_speed.py)
+-> quality requests (echo + logprobs + greedy continuation; serve/quality.py) -> lm-eval tasks on A, then
+on B (serve/ab_tasks.py) -> report. The arms are never loaded at the same time.
 """
 
 from __future__ import annotations
@@ -19,70 +19,120 @@ import datetime as dt
 import logging
 import sys
 import time
-import urllib.error
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from moesvd_vllm.options import add_arguments as add_option_arguments
+from moesvd_vllm.options import from_arguments, from_mapping, option
 from serve.ab_report import ABReport
-from serve.endpoints import (Endpoint, EndpointError, describe_unreachable, list_models,
-                             resolve_endpoint)
-from serve.http import HTTPError, post_json
-from serve.loadgen import GenerationSettings, LoadRun, pool_runs, run_load
+from serve.ab_speed import ARMS, ArmAccounting, SpeedPhase, SpeedPlan
+from serve.ab_stats import interval_coverage
+from serve.endpoints import Endpoint, EndpointError, resolve_endpoint
+from serve.loadgen import GenerationSettings
 from serve.prompts import (DEFAULT_NUM_PROMPTS, DEFAULT_SEED, DEFAULT_WORDS_PER_PROMPT, PromptError,
                            load_prompts, prompts_sha256)
 from serve.quality import PromptScores, QualitySettings, compare_quality, score_prompts
-from serve.speed import per_request_series, speed_metrics, speed_ratios
 
 logger = logging.getLogger(__name__)
 
-ARMS = ("A", "B")
+MIN_ROUNDS = 3
+# Measured on the 2-core machine (docs/monitoring.md, "How long a round must be"): rounds of at least
+# 4 s gave a spread of the B/A throughput ratio of identical arms within +-10 %.
+DEFAULT_MIN_ROUND_SECONDS = 4.0
 
 
 class ABError(RuntimeError):
     """The A/B cannot start (bad options, unreachable arm); the message names the problem and the fix."""
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,8,32, got {text!r}")
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 2,4.5, got {text!r}")
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 @dataclass(frozen=True)
 class ABOptions:
-    a_url: str
-    b_url: str
-    a_model: str | None = None  # None: the only model listed by /v1/models
-    b_model: str | None = None
-    prompts_path: Path | None = None  # JSONL or plain text; None: bundled corpus test split
-    num_prompts: int = DEFAULT_NUM_PROMPTS
-    words_per_prompt: int = DEFAULT_WORDS_PER_PROMPT
-    seed: int = DEFAULT_SEED
-    concurrency: tuple[int, ...] = (1, 8, 32)
-    request_rates: tuple[float, ...] = ()  # when set: one level per rate (Poisson arrivals), no cap
-    repeats: int = 1  # rounds per level (arm order alternating), pooled; more rounds average out drift
-    max_tokens: int = 64
-    ignore_eos: bool = True
-    warmup_requests: int = 1
-    quality: bool = True
-    top_logprobs: int = 20
-    quality_max_tokens: int = 16
-    request_timeout_s: float = 600.0
-    out: Path | None = None  # where the JSON, markdown and PNGs go; None: nothing written
-    plots: bool = True
-    show_progress: bool = True
+    a_url: str = option(help="arm A (reference, e.g. dense) base URL", flag="--a", metavar="URL")
+    b_url: str = option(help="arm B (e.g. compressed) base URL", flag="--b", metavar="URL")
+    a_model: str | None = option(None, "model name on A (unset: the only one /v1/models lists)")
+    b_model: str | None = option(None, "model name on B (unset: the only one /v1/models lists)")
+    prompts_path: Path | None = option(
+        None, "prompts: .jsonl ({\"prompt\": ...} a line) or plain text cut into windows (unset: the "
+        "bundled corpus test split)", flag="--prompts", metavar="FILE")
+    num_prompts: int = option(DEFAULT_NUM_PROMPTS, "prompts to use (a JSONL file: its first N lines)")
+    words_per_prompt: int = option(DEFAULT_WORDS_PER_PROMPT, "window length when prompts come from text")
+    seed: int = option(DEFAULT_SEED, "seed of the prompt choice and of Poisson arrivals")
+    concurrency: tuple[int, ...] = option((1, 8, 32), "max concurrent requests per level",
+                                          parse=_int_list, exclusive="load")
+    request_rates: tuple[float, ...] = option(
+        (), "Poisson request rates per level, requests/s (instead of --concurrency)", flag="--request-rate",
+        parse=_float_list, exclusive="load")
+    speed: bool = option(True, "measure speed (--no-speed: quality and tasks only)")
+    repeats: int = option(MIN_ROUNDS, f"measured rounds per load level (at least {MIN_ROUNDS}), arm order "
+                          "alternating (A-B, B-A, A-B, ...); each ratio is the median of the per-round "
+                          "ratios with their min-max spread")
+    min_round_seconds: float = option(
+        DEFAULT_MIN_ROUND_SECONDS, "repeat the prompts within a round until it lasts at least this long "
+        "(estimated from the warm-up; 0: each prompt once)")
+    max_repetitions: int = option(64, "cap on the prompt repetitions per round")
+    max_tokens: int = option(64, "output tokens per speed request")
+    ignore_eos: bool = option(True, "send vLLM's ignore_eos (--no-ignore-eos for servers that reject it)")
+    quality: bool = option(True, "measure quality (perplexity, KL, top-1, exact match); --no-quality: off")
+    top_logprobs: int = option(20, "k of the top-k log-probabilities compared (vLLM's --max-logprobs caps it)")
+    quality_max_tokens: int = option(16, "greedy continuation length compared for exact match")
+    tasks: tuple[str, ...] = option(
+        (), "lm-evaluation-harness tasks run on both arms (names or YAML files, comma-separated; local: "
+        "kjv_next_sentence, kjv_cloze); needs `pip install 'moesvd-vllm[eval]'`", parse=_name_list,
+        metavar="TASKS")
+    num_fewshot: int | None = option(None, "few-shot examples per task (unset: the task's default)")
+    limit: int | None = option(None, "documents per task (unset: all)")
+    task_batch_size: int = option(16, "prompts per lm-eval request", flag="--batch-size")
+    task_seed: int = option(1234, "lm-eval seeds (sampling, few-shot choice) and of the bootstrap")
+    task_concurrency: int = option(1, "concurrent lm-eval requests per arm")
+    bootstrap_resamples: int = option(1000, "paired bootstrap resamples of each task metric's difference")
+    a_tokenizer: str | None = option(
+        None, "tokenizer directory of arm A for lm-eval (unset: the model directory /v1/models names, "
+        "else the server's /tokenize)")
+    b_tokenizer: str | None = option(None, "tokenizer directory of arm B for lm-eval (as --a-tokenizer)")
+    request_timeout_s: float = option(600.0, "timeout of one request (s)", flag="--request-timeout")
+    out: Path | None = option(None, "directory for ab-report-*.json, .md and PNG plots (unset: none)",
+                              metavar="DIR")
+    plots: bool = option(True, "write PNG plots with the report")
+    show_progress: bool = option(True, "progress bars", flag="--progress")
 
     @classmethod
     def from_dict(cls, values: dict) -> "ABOptions":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ABError(f"unknown A/B option(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**values)
+        return from_mapping(cls, values, error=ABError, what="A/B option")
 
     def __post_init__(self) -> None:
         if self.request_rates and any(r <= 0 for r in self.request_rates):
             raise ABError(f"request rates must be > 0 requests/s, got {list(self.request_rates)}")
         if not self.request_rates and (not self.concurrency or any(c < 1 for c in self.concurrency)):
             raise ABError(f"concurrency levels must be integers >= 1, got {list(self.concurrency)}")
-        if self.repeats < 1:
-            raise ABError(f"repeats must be >= 1, got {self.repeats}")
+        if self.repeats < MIN_ROUNDS:
+            raise ABError(f"repeats must be >= {MIN_ROUNDS} (alternating rounds A-B, B-A, A-B give the "
+                          f"spread of every ratio), got {self.repeats}")
+        if self.min_round_seconds < 0 or self.max_repetitions < 1:
+            raise ABError("min_round_seconds must be >= 0 and max_repetitions >= 1")
         if self.max_tokens < 1 or self.quality_max_tokens < 0 or self.top_logprobs < 1:
             raise ABError("max_tokens must be >= 1, quality_max_tokens >= 0 and top_logprobs >= 1")
+        if (self.num_fewshot is not None and self.num_fewshot < 0) or (self.limit is not None and self.limit < 1):
+            raise ABError("num_fewshot must be >= 0 and limit >= 1")
+        if self.task_batch_size < 1 or self.task_concurrency < 1 or self.bootstrap_resamples < 1:
+            raise ABError("task_batch_size, task_concurrency and bootstrap_resamples must be >= 1")
 
     def levels(self) -> list[tuple[int | None, float]]:
         """(max_concurrency, request_rate) per load level."""
@@ -90,32 +140,15 @@ class ABOptions:
             return [(None, rate) for rate in self.request_rates]
         return [(c, float("inf")) for c in self.concurrency]
 
+    def speed_plan(self) -> SpeedPlan:
+        return SpeedPlan(levels=self.levels(), repeats=self.repeats, min_round_seconds=self.min_round_seconds,
+                         max_repetitions=self.max_repetitions, seed=self.seed, show_progress=self.show_progress,
+                         settings=GenerationSettings(max_tokens=self.max_tokens, ignore_eos=self.ignore_eos,
+                                                     request_timeout_s=self.request_timeout_s))
+
     def as_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
                 for k, v in dataclasses.asdict(self).items()}
-
-
-@dataclass
-class ArmAccounting:
-    """What one arm was asked to do, to reconcile with the server's own counters."""
-
-    requests_sent: int = 0
-    requests_succeeded: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    by_phase: dict = field(default_factory=dict)
-
-    def add(self, phase: str, sent: int, succeeded: int, prompt_tokens: int, completion_tokens: int):
-        self.requests_sent += sent
-        self.requests_succeeded += succeeded
-        self.prompt_tokens += prompt_tokens
-        self.completion_tokens += completion_tokens
-        entry = self.by_phase.setdefault(phase, {"requests_sent": 0, "requests_succeeded": 0,
-                                                 "prompt_tokens": 0, "completion_tokens": 0})
-        entry["requests_sent"] += sent
-        entry["requests_succeeded"] += succeeded
-        entry["prompt_tokens"] += prompt_tokens
-        entry["completion_tokens"] += completion_tokens
 
 
 def _resolve_arms(options: ABOptions) -> dict[str, Endpoint]:
@@ -128,107 +161,20 @@ def _resolve_arms(options: ABOptions) -> dict[str, Endpoint]:
     return arms
 
 
-def _warm_up(endpoint: Endpoint, text: str, options: ABOptions, accounting: ArmAccounting,
-             problems: list[str]) -> None:
-    for _ in range(options.warmup_requests):
-        payload = {"model": endpoint.model, "prompt": text, "max_tokens": 4, "temperature": 0.0}
-        try:
-            answer = post_json(endpoint.url("/v1/completions"), payload, timeout=options.request_timeout_s)
-        except HTTPError as err:
-            problems.append(f"arm {endpoint.label} warm-up: HTTP {err.status}: {err.body[:200]}")
-            accounting.add("warmup", 1, 0, 0, 0)
-            continue
-        except (urllib.error.URLError, OSError) as err:
-            problems.append(f"arm {endpoint.label} warm-up: "
-                            f"{describe_unreachable(endpoint.url('/v1/completions'), err)}")
-            accounting.add("warmup", 1, 0, 0, 0)
-            continue
-        usage = answer.get("usage") or {}
-        accounting.add("warmup", 1, 1, int(usage.get("prompt_tokens") or 0),
-                       int(usage.get("completion_tokens") or 0))
+def _prepare_tasks(options: ABOptions, arms: dict[str, Endpoint]):
+    """Every check the task evaluation needs (lm-eval, task names, tokenizers, logprobs), or None."""
+    if not options.tasks:
+        return None
+    from serve.ab_tasks import TaskError, TaskSettings, prepare_task_run
 
-
-def _level_name(max_concurrency: int | None, request_rate: float) -> str:
-    return f"concurrency={max_concurrency}" if max_concurrency else f"request_rate={request_rate:g}"
-
-
-def _account_load(run: LoadRun, accounting: ArmAccounting) -> None:
-    done = [r for r in run.results if r.success]
-    accounting.add("speed", len(run.results), len(done), sum(r.prompt_tokens for r in done),
-                   sum(r.output_tokens for r in done))
-
-
-def _arm_is_down(endpoint: Endpoint, run: LoadRun) -> bool:
-    """Every request of the run failed and the server no longer lists its models."""
-    if any(r.success for r in run.results):
-        return False
+    settings = TaskSettings(tasks=options.tasks, num_fewshot=options.num_fewshot, limit=options.limit,
+                            batch_size=options.task_batch_size, seed=options.task_seed,
+                            num_concurrent=options.task_concurrency, bootstrap_resamples=options.bootstrap_resamples,
+                            request_timeout_s=options.request_timeout_s)
     try:
-        list_models(endpoint.base_url, timeout=5.0)
-    except EndpointError:
-        return True
-    return False
-
-
-def _skipped_metrics(reason: str, count: int) -> dict:
-    return {"skipped": reason, "completed": 0, "failed": count}
-
-
-def _run_arm_level(label: str, arms: dict[str, Endpoint], prompts, settings: GenerationSettings,
-                   options: ABOptions, max_concurrency: int | None, rate: float, name: str,
-                   accounting: dict[str, ArmAccounting], problems: list[str],
-                   down: dict[str, str]) -> LoadRun:
-    run = run_load(arms[label], prompts, settings, max_concurrency=max_concurrency, request_rate=rate,
-                   seed=options.seed, show_progress=options.show_progress)
-    _account_load(run, accounting[label])
-    failed = [r for r in run.results if not r.success]
-    if failed:
-        problems.append(f"arm {label} {name}: {len(failed)} of {len(run.results)} requests failed "
-                        f"(first: {failed[0].error[:300]})")
-    if _arm_is_down(arms[label], run):
-        down[label] = (f"arm {label} stopped answering during {name} (server down?); its later "
-                       "levels and quality were skipped, earlier results are kept")
-        problems.append(down[label])
-    return run
-
-
-def _speed_phase(arms: dict[str, Endpoint], prompts, options: ABOptions,
-                 accounting: dict[str, ArmAccounting], problems: list[str],
-                 down: dict[str, str]) -> tuple[list, dict]:
-    """Per level: `repeats` rounds, each sending every prompt to both arms; the arm order alternates
-    round after round and level after level (A-B, B-A, ...). Rounds of one arm are pooled: throughput
-    is all completed work over the summed wall time, percentiles are over all requests."""
-    settings = GenerationSettings(max_tokens=options.max_tokens, ignore_eos=options.ignore_eos,
-                                  request_timeout_s=options.request_timeout_s)
-    levels, series = [], {}
-    rounds_done = 0
-    for max_concurrency, rate in options.levels():
-        name = _level_name(max_concurrency, rate)
-        entry = {"level": name, "max_concurrency": max_concurrency,
-                 "request_rate": "inf" if rate == float("inf") else rate, "order": [],
-                 "repeats": options.repeats}
-        runs: dict[str, list[LoadRun]] = {label: [] for label in ARMS}
-        for _ in range(options.repeats):
-            order = ARMS if rounds_done % 2 == 0 else ARMS[::-1]
-            rounds_done += 1
-            for label in order:
-                if label in down:
-                    continue
-                entry["order"].append(label)
-                runs[label].append(_run_arm_level(label, arms, prompts, settings, options, max_concurrency,
-                                                  rate, name, accounting, problems, down))
-        series[name] = {}
-        for label in ARMS:
-            if not runs[label]:
-                entry[label] = _skipped_metrics(down.get(label, "not run"), len(prompts) * options.repeats)
-                continue
-            pooled = pool_runs(runs[label])
-            entry[label] = speed_metrics(pooled)
-            series[name][label] = per_request_series(pooled)
-        entry["b_over_a"] = speed_ratios(entry["A"], entry["B"])
-        levels.append(entry)
-        logger.info("%s: output tok/s A %s, B %s", name, entry["A"].get("output_throughput"),
-                    entry["B"].get("output_throughput"))
-    return levels, series
+        return prepare_task_run(settings, arms, {"A": options.a_tokenizer, "B": options.b_tokenizer})
+    except TaskError as err:
+        raise ABError(str(err)) from None
 
 
 def _quality_phase(arms: dict[str, Endpoint], prompts, options: ABOptions,
@@ -257,7 +203,8 @@ def _quality_phase(arms: dict[str, Endpoint], prompts, options: ABOptions,
 def run_ab(options: ABOptions) -> ABReport:
     """Run the whole A/B and return its report (written under options.out when set).
 
-    Raises ABError when it cannot start (bad prompts, an arm unreachable or not OpenAI-compatible).
+    Raises ABError when it cannot start (bad prompts, an arm unreachable or not OpenAI-compatible, with
+    tasks: lm-eval missing, an unknown task, no tokenizer, no prompt log-probabilities).
     Failures after the start are recorded in the report (`complete` false, `problems` listed).
     """
     try:
@@ -266,14 +213,15 @@ def run_ab(options: ABOptions) -> ABReport:
     except (PromptError, FileNotFoundError) as err:
         raise ABError(str(err)) from None
     arms = _resolve_arms(options)
+    task_run = _prepare_tasks(options, arms)
     started_wall, started = dt.datetime.now(dt.timezone.utc), time.monotonic()
     problems: list[str] = []
     accounting = {label: ArmAccounting() for label in ARMS}
-    for label in ARMS:
-        _warm_up(arms[label], prompts[0].text, options, accounting[label], problems)
     down: dict[str, str] = {}  # arm -> why it was skipped from then on
-    speed, series = _speed_phase(arms, prompts, options, accounting, problems, down)
+    speed, series = ([], {}) if not options.speed else SpeedPhase(arms, prompts, options.speed_plan(), accounting,
+                                                                  problems, down).run()
     quality = _quality_phase(arms, prompts, options, accounting, problems, down) if options.quality else None
+    tasks = task_run.run(down, problems, show_progress=options.show_progress) if task_run else None
     metadata = {
         "tool": "moesvd ab",
         "started_at": started_wall.isoformat(timespec="seconds"),
@@ -284,9 +232,13 @@ def run_ab(options: ABOptions) -> ABReport:
         "prompts": {"source": prompt_source, "count": len(prompts), "sha256": prompts_sha256(prompts),
                     "ids": [p.id for p in prompts]},
         "options": options.as_json(),
-        "definitions": "speed: vllm bench serve (serve/speed.py); quality: serve/quality.py",
+        "speed_interval": {"rounds": options.repeats, "coverage": interval_coverage(options.repeats),
+                           "meaning": "B/A = median of the per-round ratios; [min-max] over rounds holds "
+                                      "the median ratio with this probability (distribution-free)"},
+        "definitions": "speed: vllm bench serve (serve/speed.py), ratios: serve/ab_stats.py; quality: "
+                       "serve/quality.py; tasks: lm-evaluation-harness (serve/ab_tasks.py)",
     }
-    report = ABReport(metadata=metadata, speed=speed, speed_series=series, quality=quality,
+    report = ABReport(metadata=metadata, speed=speed, speed_series=series, quality=quality, tasks=tasks,
                       accounting={k: dataclasses.asdict(v) for k, v in accounting.items()},
                       problems=problems)
     if options.out is not None:
@@ -297,66 +249,12 @@ def run_ab(options: ABOptions) -> ABReport:
 # ---------------------------------------------------------------- command line
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,8,32, got {text!r}")
-
-
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 2,4.5, got {text!r}")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--a", required=True, metavar="URL", help="arm A (reference, e.g. dense) base URL")
-    parser.add_argument("--b", required=True, metavar="URL", help="arm B (e.g. compressed) base URL")
-    parser.add_argument("--a-model", help="model name on A (default: the only one /v1/models lists)")
-    parser.add_argument("--b-model", help="model name on B (default: the only one /v1/models lists)")
-    parser.add_argument("--prompts", type=Path, metavar="FILE",
-                        help="prompts: .jsonl ({\"prompt\": ...} a line) or plain text cut into windows "
-                             "(default: the bundled corpus test split)")
-    parser.add_argument("--num-prompts", type=int, default=DEFAULT_NUM_PROMPTS,
-                        help="prompts to use (default: %(default)s; a JSONL file: its first N lines)")
-    parser.add_argument("--words-per-prompt", type=int, default=DEFAULT_WORDS_PER_PROMPT,
-                        help="window length when prompts come from text (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                        help="seed of the prompt choice and of Poisson arrivals (default: %(default)s)")
-    load = parser.add_mutually_exclusive_group()
-    load.add_argument("--concurrency", type=_int_list, default=(1, 8, 32),
-                      help="max concurrent requests per level (default: 1,8,32)")
-    load.add_argument("--request-rate", type=_float_list, default=(),
-                      help="Poisson request rates per level, requests/s (instead of --concurrency)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="rounds per load level, arm order alternating (A-B, B-A, ...), pooled "
-                             "(default: %(default)s; use 2+ on a busy machine)")
-    parser.add_argument("--max-tokens", type=int, default=64,
-                        help="output tokens per speed request (default: %(default)s)")
-    parser.add_argument("--no-ignore-eos", action="store_true",
-                        help="do not send vLLM's ignore_eos (for servers that reject it)")
-    parser.add_argument("--no-quality", action="store_true", help="speed only")
-    parser.add_argument("--top-logprobs", type=int, default=20,
-                        help="k of the top-k log-probabilities compared (default: %(default)s; vLLM's "
-                             "--max-logprobs caps it)")
-    parser.add_argument("--quality-max-tokens", type=int, default=16,
-                        help="greedy continuation length compared for exact match (default: %(default)s)")
-    parser.add_argument("--out", type=Path, help="directory for ab-report-*.json, .md and PNG plots")
-    parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
+    add_option_arguments(parser, ABOptions)
 
 
 def options_from_args(args: argparse.Namespace) -> ABOptions:
-    return ABOptions(a_url=args.a, b_url=args.b, a_model=args.a_model, b_model=args.b_model,
-                     prompts_path=args.prompts, num_prompts=args.num_prompts,
-                     words_per_prompt=args.words_per_prompt, seed=args.seed,
-                     concurrency=args.concurrency, request_rates=args.request_rate, repeats=args.repeats,
-                     max_tokens=args.max_tokens, ignore_eos=not args.no_ignore_eos,
-                     quality=not args.no_quality, top_logprobs=args.top_logprobs,
-                     quality_max_tokens=args.quality_max_tokens, out=args.out,
-                     plots=not args.no_plots, show_progress=not args.no_progress)
+    return from_arguments(ABOptions, args)
 
 
 def run(args: argparse.Namespace) -> int:

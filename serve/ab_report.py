@@ -7,9 +7,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serve.ab_stats import describe
+
 logger = logging.getLogger(__name__)
 
-SCHEMA = "moesvd-ab/1"
+SCHEMA = "moesvd-ab/2"  # 2: per-round speed metrics, ratios as median [min-max] with a verdict; tasks
 
 # (JSON key, row label) of the speed table; ratios are B/A.
 SPEED_ROWS = (
@@ -62,6 +64,17 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def _interval(bounds, percent: bool = False) -> str:
+    if not bounds:
+        return "n/a"
+    low, high = bounds
+    return f"[{100 * low:.1f}, {100 * high:.1f}] %" if percent else f"[{low:.4g}, {high:.4g}]"
+
+
 def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -79,6 +92,7 @@ class ABReport:
     quality: dict | None
     accounting: dict
     problems: list[str] = field(default_factory=list)
+    tasks: dict | None = None  # lm-eval scores of both arms (serve/ab_tasks.py), None without --tasks
     written_to: list[Path] = field(default_factory=list)
 
     @property
@@ -89,7 +103,7 @@ class ABReport:
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "complete": self.complete, "problems": self.problems,
                 "metadata": self.metadata, "speed": self.speed, "quality": self.quality,
-                "accounting": self.accounting, "speed_series": self.speed_series}
+                "tasks": self.tasks, "accounting": self.accounting, "speed_series": self.speed_series}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
@@ -101,9 +115,10 @@ class ABReport:
         raise KeyError(f"no speed level {level!r}; levels: {[e['level'] for e in self.speed]}")
 
     def headline(self) -> str:
-        """One line for demos and logs: B/A output tokens/s per level and the main quality numbers."""
-        speed = ", ".join(
-            f"{e['level']}: {_fmt(e['b_over_a'].get('output_throughput'))}x" for e in self.speed)
+        """One line for demos and logs: B/A output tokens/s per level (median [min-max] verdict), the main
+        quality numbers and the task recoveries."""
+        speed = ", ".join(f"{e['level']}: {describe(e.get('ratios', {}).get('output_throughput'))}"
+                          for e in self.speed)
         parts = [f"B/A output tok/s {speed}" if speed else "no speed levels"]
         q = self.quality or {}
         if q.get("perplexity_a") is not None and q.get("perplexity_b") is not None:
@@ -114,6 +129,9 @@ class ABReport:
             parts.append(f"greedy exact match {_fmt(q['exact_match_rate'])} %")
         if q.get("refused"):
             parts.append("token-level quality REFUSED (different tokenizers)")
+        for row in (self.tasks or {}).get("rows", []):
+            if row["higher_is_better"] and row["recovery"] is not None:
+                parts.append(f"{row['task']} {row['metric']} recovery {100 * row['recovery']:.1f} %")
         if not self.complete:
             parts.append(f"PARTIAL ({len(self.problems)} problems)")
         return "; ".join(parts)
@@ -125,13 +143,22 @@ class ABReport:
 
     def _speed_tables(self, markdown: bool) -> list[str]:
         parts = []
+        interval = self.metadata.get("speed_interval", {})
+        if self.speed and interval:
+            parts += [f"Speed ratios B/A: median of {interval['rounds']} alternating rounds [min-max over the "
+                      f"rounds, which holds the median ratio with probability {100 * interval['coverage']:.0f} %]; "
+                      "'no difference within the noise' when that range covers 1.0.", ""]
         for entry in self.speed:
+            ratios = entry.get("ratios", {})
             rows = [[label, _fmt(entry["A"].get(key)), _fmt(entry["B"].get(key)),
-                     _fmt(entry["b_over_a"].get(key)) if key in entry["b_over_a"] else ""]
+                     describe(ratios.get(key)) if key in ratios else ""]
                     for key, label in SPEED_ROWS]
-            title = f"Speed, {entry['level']} (order {'-'.join(entry['order'])})"
+            rounds = [("-".join(r["order"])) for r in entry.get("rounds", [])]
+            title = (f"Speed, {entry['level']} ({len(rounds)} rounds {', '.join(rounds)}; each "
+                     f"{entry.get('requests_per_round', '?')} requests per arm, after a warm-up)")
             parts += [f"### {title}" if markdown else title, "",
-                      _table(["metric", "A", "B", "B/A"], rows, markdown), ""]
+                      _table(["metric", "A (pooled)", "B (pooled)", "B/A median [min-max] verdict"], rows,
+                             markdown), ""]
             parts += [f"SKIPPED {label}: {entry[label]['skipped']}" for label in ("A", "B")
                       if entry[label].get("skipped")]
         return parts
@@ -144,6 +171,29 @@ class ABReport:
         if self.quality.get("refused"):
             parts += [f"REFUSED: {self.quality['refused']}", ""]
         return parts
+
+    def _tasks_table(self, markdown: bool) -> list[str]:
+        if self.tasks is None:
+            return []
+        settings = self.tasks["settings"]
+        head = "### Tasks (lm-evaluation-harness)" if markdown else "Tasks (lm-evaluation-harness)"
+        lines = [head, "", f"lm-eval {self.tasks.get('lm_eval_version')}, local-completions on both arms; "
+                 f"few-shot {settings['num_fewshot'] if settings['num_fewshot'] is not None else 'task default'}, "
+                 f"seed {settings['seed']}, limit {settings['limit'] or 'none'}, batch {settings['batch_size']}; "
+                 f"intervals: 95 % paired bootstrap over documents ({settings['bootstrap_resamples']} resamples)", ""]
+        rows = []
+        for row in self.tasks.get("rows", []):
+            better = {True: "higher", False: "lower", None: "?"}[row["higher_is_better"]]
+            rows.append([row["task"], f"{row['metric']} ({better} is better)", _fmt(row["documents"]),
+                         _fmt(row["a"]), _fmt(row["b"]), _percent(row["recovery"]),
+                         _interval(row["recovery_interval"], percent=True), _fmt(row["difference"]),
+                         _interval(row["difference_interval"]), row["verdict"] or ""])
+        if rows:
+            lines += [_table(["task", "metric", "docs", "A", "B", "B/A (recovery)", "B/A 95 %", "B-A",
+                              "B-A 95 %", "verdict"], rows, markdown), ""]
+        else:
+            lines += ["no task scores (see the problems above)", ""]
+        return lines
 
     def _problems(self, markdown: bool) -> list[str]:
         if not self.problems:
@@ -160,7 +210,8 @@ class ABReport:
                  f"(sha256 {prompts['sha256'][:12]})",
                  ("- " if markdown else "") + f"run: {self.metadata['started_at']}, "
                  f"{self.metadata['duration_s']:.0f} s", ""]
-        lines += self._problems(markdown) + self._speed_tables(markdown) + self._quality_table(markdown)
+        lines += (self._problems(markdown) + self._speed_tables(markdown) + self._quality_table(markdown)
+                  + self._tasks_table(markdown))
         return "\n".join(lines).rstrip() + "\n"
 
     def to_markdown(self) -> str:

@@ -47,8 +47,8 @@ def describe_unreachable(url: str, err: BaseException) -> str:
             f"(scheme, host, port) is right")
 
 
-def list_models(base_url: str, timeout: float = 10.0) -> list[str]:
-    """Model ids served at base_url, from GET /v1/models."""
+def model_entries(base_url: str, timeout: float = 10.0) -> list[dict]:
+    """The model objects of GET /v1/models (vLLM adds `root`, the model directory, and `max_model_len`)."""
     url = base_url + "/v1/models"
     try:
         answer = _get_json(url, timeout)
@@ -62,7 +62,12 @@ def list_models(base_url: str, timeout: float = 10.0) -> list[str]:
     data = answer.get("data") if isinstance(answer, dict) else None
     if not isinstance(data, list):
         raise EndpointError(f"{url} answered without a 'data' list of models: {str(answer)[:200]}")
-    return [str(item.get("id")) for item in data if isinstance(item, dict) and item.get("id")]
+    return [item for item in data if isinstance(item, dict) and item.get("id")]
+
+
+def list_models(base_url: str, timeout: float = 10.0) -> list[str]:
+    """Model ids served at base_url, from GET /v1/models."""
+    return [str(item["id"]) for item in model_entries(base_url, timeout)]
 
 
 def discover_model(base_url: str, requested: str | None = None, timeout: float = 10.0) -> str:
@@ -97,6 +102,8 @@ class Endpoint:
     base_url: str
     model: str
     version: str | None = None
+    root: str | None = None  # vLLM: the model directory (or Hub name) the server loaded
+    max_model_len: int | None = None  # vLLM: the context length the server accepts
 
     def url(self, path: str) -> str:
         return self.base_url + path
@@ -108,4 +115,8 @@ def resolve_endpoint(label: str, url: str, model: str | None = None) -> Endpoint
     version = server_version(base_url)
     logger.info("arm %s: %s serves %r (server version %s)", label, base_url, resolved_model,
                 version or "unknown")
-    return Endpoint(label=label, base_url=base_url, model=resolved_model, version=version)
+    entry = next((e for e in model_entries(base_url) if str(e["id"]) == resolved_model), {})
+    max_len = entry.get("max_model_len")
+    return Endpoint(label=label, base_url=base_url, model=resolved_model, version=version,
+                    root=str(entry["root"]) if entry.get("root") else None,
+                    max_model_len=int(max_len) if isinstance(max_len, int) and max_len > 0 else None)

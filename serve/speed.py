@@ -21,7 +21,7 @@ from serve.loadgen import LoadRun
 
 DEFAULT_PERCENTILES = (50.0, 90.0, 99.0)
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
-# Higher is better for these keys; lower is better for every *_ms key.
+# Higher is better for these keys; lower is better for every *_ms key (serve/ab_stats.py).
 THROUGHPUT_KEYS = ("request_throughput", "output_throughput", "total_token_throughput")
 
 
@@ -74,21 +74,3 @@ def per_request_series(run: LoadRun) -> dict:
             "itls": [r.itl for r in run.results],
             "latencies": [r.latency for r in run.results],
             "errors": [r.error for r in run.results]}
-
-
-def ratio(b: float, a: float) -> float | None:
-    """B / A, or None where A is zero or either is missing."""
-    if a is None or b is None or not a:
-        return None
-    return float(b) / float(a)
-
-
-def speed_ratios(a: dict, b: dict) -> dict:
-    """B/A for every throughput and *_ms key (throughput > 1 and latency < 1 mean B is faster).
-
-    None for every key when either arm completed no request (its zeros are placeholders, not speeds).
-    """
-    keys = [k for k in a if k in THROUGHPUT_KEYS or k.endswith("_ms")]
-    if not a.get("completed") or not b.get("completed"):
-        return {k: None for k in keys}  # an arm without a completed request has no speed to compare
-    return {k: ratio(b.get(k), a.get(k)) for k in keys}

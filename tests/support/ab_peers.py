@@ -1,7 +1,9 @@
-"""Fixtures for the A/B and monitoring tests: the two arms, a failing peer and a real Prometheus.
+"""Fixtures for the A/B and monitoring tests: the arms, a failing peer and a real Prometheus.
 
 - `ab_arms`: two running stock vLLM servers that share a tokenizer (the tiny qwen3_moe and mixtral
   fixtures; the same servers tests/test_vllm_serving_stock.py uses, so they cost no extra start-up).
+- `full_rank_twin_server`: the plugin serving an exact full-rank compressed twin of arm A's model.
+- `bundled_arms`: the bundled model, dense (stock vLLM) and compressed at 60 % (the plugin).
 - `failing_peer(mode, ...)`: a small stdlib HTTP server that speaks enough of the OpenAI API to fail
   on purpose (HTTP 4xx/5xx, or dying after a few answers). It is the broken far end, not a stand-in
   for vLLM: every test that needs real model output uses a real vLLM server.
@@ -36,6 +38,32 @@ ARM_B_ARCH = "mixtral"
 def ab_arms(tiny_model_dir, vllm_server):
     """(server A, server B): real vLLM servers of two different models with the same tokenizer."""
     return vllm_server(tiny_model_dir(ARM_A_ARCH)), vllm_server(tiny_model_dir(ARM_B_ARCH))
+
+
+@pytest.fixture(scope="session")
+def full_rank_twin_server(tiny_model_dir, vllm_server, tmp_path_factory):
+    """The plugin serving an exact full-rank compressed twin of arm A's dense tiny qwen3_moe."""
+    from offline.full_rank import write_full_rank_checkpoint
+
+    dense_dir = tiny_model_dir(ARM_A_ARCH)
+    twin = write_full_rank_checkpoint(dense_dir, tmp_path_factory.mktemp("ab_twin") / "qwen3_moe-full-rank",
+                                      basis="orthogonal")
+    return vllm_server(twin)
+
+
+BUNDLED_RATIO = 0.6  # the demo's ratio: shared bases of rank 96 in every layer
+
+
+@pytest.fixture(scope="session")
+def bundled_arms(vllm_server, tmp_path_factory):
+    """(dense server, compressed server) of the bundled model; the compressed one at BUNDLED_RATIO."""
+    from offline.bundled import bundled_model_dir, corpus_split_path
+    from offline.compress import CompressionOptions, compress
+
+    dense_dir = bundled_model_dir()
+    compressed_dir = compress(dense_dir, tmp_path_factory.mktemp("bundled") / "bundled-60", CompressionOptions(
+        ratio=BUNDLED_RATIO, calib=str(corpus_split_path("train")), num_samples=64, seq_len=128))
+    return vllm_server(dense_dir), vllm_server(compressed_dir)
 
 
 # ---------------------------------------------------------------- failing peer
