@@ -89,11 +89,11 @@ def _refuse_non_finite(name: str, tensor) -> None:
         return
     if all(bool(torch.isfinite(bound)) for bound in torch.aminmax(tensor)):
         return
-    from moesvd_vllm.layers import CompressionConfigError
+    from moesvd_vllm.errors import CheckpointError
 
     nan = int(torch.isnan(tensor).sum())
     inf = int(torch.isinf(tensor).sum())
-    raise CompressionConfigError(
+    raise CheckpointError(
         f"tensor {name}: {nan} NaN and {inf} Inf value(s) in the checkpoint; a compressed checkpoint must be "
         "finite. Re-create it with `moesvd compress` (or restore the damaged shard).")
 

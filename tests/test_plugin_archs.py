@@ -1,9 +1,10 @@
 """Every served MoE architecture, compressed by `moesvd compress` and served by vLLM, equals the reference.
 
 One mechanism serves them all (moesvd_vllm/models.py: vLLM's own model class with the MoE-SVD quantization
-config): the architecture's own attention, router (Qwen2-MoE's gated shared expert, DeepSeek's shared
-experts and dense first layer, PhiMoE's sparsemixer), and only the routed experts of decomposed layers
-change. Each architecture's tiny fixture is compressed with the `banks` recipe (U-trimming into banks,
+config): the architecture's own attention, router (Qwen2-MoE's gated shared expert, DeepSeek-V2's shared
+experts and dense first layer, DeepSeek-V3's and GLM-4.5's sigmoid grouped top-k with score-correction
+bias and routed scaling, PhiMoE's sparsemixer), and only the routed experts of decomposed layers change.
+DeepSeek's MLA fixtures have their RoPE parts zeroed (tests/support/plugin.py, MLA_ARCHS). Each architecture's tiny fixture is compressed with the `banks` recipe (U-trimming into banks,
 kept neurons, low-rank shared bases: every part of the serving path) and served in float32; greedy tokens
 must equal `offline.reference`'s and logprobs agree within 1e-3. Qwen3-MoE and Mixtral are covered in
 tests/test_plugin.py. A bf16 checkpoint served with --dtype float32 is checked here too: its bases are
@@ -24,9 +25,11 @@ logger = logging.getLogger(__name__)
 
 ARCHITECTURES = [
     "qwen2_moe",
+    "deepseek_v3",
     pytest.param("olmoe", marks=pytest.mark.slow),
     pytest.param("phimoe", marks=pytest.mark.slow),
     pytest.param("deepseek_v2", marks=pytest.mark.slow),
+    pytest.param("glm4_moe", marks=pytest.mark.slow),
 ]
 
 
