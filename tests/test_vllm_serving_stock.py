@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from moesvd_vllm.architectures import ARCHITECTURES
 from serve.http import get_text, metric_value, parse_metrics, post_json
 from serve.launch import ServerOptions, VLLMServer
 
@@ -24,8 +25,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_ARCHS = ("qwen3_moe", "mixtral")
 SLOW_ARCHS = ("qwen2_moe", "deepseek_v2", "phimoe", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_next")
 # vLLM 0.32 on CPU runs Gated DeltaNet (qwen3_next) in bfloat16 only ("CPU GDN attention requires BF16.")
-BF16_ONLY_ARCHS = ("qwen3_next",)
-MLA_ARCHS = ("deepseek_v2", "deepseek_v3")
+BF16_ONLY_ARCHS = tuple(a for a in SLOW_ARCHS if ARCHITECTURES[a].cpu_dtypes == ("bfloat16",))
 PROMPT = "In the beginning God created the heaven and the earth."
 MAX_TOKENS = 8
 TOP_LOGPROBS = 5
@@ -43,25 +43,14 @@ def logprob_tolerance(arch: str, max_abs_logit: float, num_layers: int) -> float
     return 2 * (6 * num_layers) ** 0.5 * eps * max_abs_logit
 
 
-# vLLM 0.32's CPU rotary-embedding kernel (`_C.rotary_embedding`, GPT-J style) returns wrong values for
-# the 3-D, strided q_pe / k_pe views MLA hands it (model_executor/layers/mla.py:228): measured max error
-# 7.7 against its own forward_native and an independent reference for a [T, 4, 64] query (a flattened
-# [T, 256] query is right to 3e-7). Served with it, deepseek_v2 / deepseek_v3 disagree with transformers
-# from prompt position 1 on; with the op disabled (vLLM then runs RotaryEmbedding.forward_native) they
-# agree to 2e-5. transformers 5.19's DeepSeek-V3 attention agrees with an independent MLA reference
-# (interleaved-pair RoPE) to 3e-6 of 41 in float64.
-CPU_MLA_FLAGS = ["--attention-backend", "CPU_MLA",
-                 "--compilation-config", '{"custom_ops": ["-rotary_embedding"]}']
-
-
 def server_extra_args(arch: str) -> list[str]:
-    """Per-architecture vLLM flags. deepseek_v2 / deepseek_v3 (MLA attention) on CPU hosts: vLLM 0.32
-    picks the AMX_MLA backend on CPUs with AMX, which rejects float32 weights ("expect weight to be
-    bfloat16, float16, ..."), so ask for the reference CPU_MLA backend; and keep the CPU rotary kernel
-    out (see CPU_MLA_FLAGS)."""
-    if arch in MLA_ARCHS and not torch.cuda.is_available():
-        return list(CPU_MLA_FLAGS)
-    return []
+    """Per-architecture vLLM flags on CPU hosts, from the architecture table: deepseek_v2 / deepseek_v3
+    (MLA) need the CPU_MLA backend (vLLM 0.32 picks AMX_MLA on AMX CPUs, which rejects float32 weights)
+    and the native rotary embedding (the CPU rotary kernel mis-rotates MLA's strided q_pe / k_pe views:
+    without it they disagree with transformers from prompt position 1 on; see docs/architectures.md)."""
+    if torch.cuda.is_available():
+        return []
+    return list(ARCHITECTURES[arch].cpu_vllm_args)
 
 
 ARCH_PARAMS = [pytest.param(a, id=a) for a in DEFAULT_ARCHS] + [
@@ -164,13 +153,15 @@ def test_metrics_count_generated_tokens(served):
 
 
 ROTARY_BUG = ("vLLM 0.32 CPU rotary kernel mis-rotates 3-D / strided GPT-J-style inputs; when this XPASSes, "
-              "drop the rotary flag of CPU_MLA_FLAGS")
+              "drop the rotary flag of the table's cpu_vllm_args for MLA")
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=ROTARY_BUG)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU kernel only")
 def test_vllm_cpu_rotary_kernel_rotates_mla_views_like_forward_native():
-    """The reason for CPU_MLA_FLAGS: MLA's q_pe [T, heads, 64] is a strided view of q (mla.py:228)."""
+    """Why the MLA entries' cpu_vllm_args disable the rotary custom op: MLA's q_pe [T, heads, 64] is a
+    strided view of q (model_executor/layers/mla.py:228). Measured max error 7.7 for this query, against
+    vLLM's own forward_native (a flattened [T, 256] query is right to 3e-7)."""
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.rotary_embedding import get_rope
 
