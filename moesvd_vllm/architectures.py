@@ -167,6 +167,10 @@ class Architecture:
     routing: Routing
     reference_checkpoint: str = ""  # the Hub model whose config layout the fixture follows
     notes: str = ""
+    # vLLM 0.32 on CPU hosts: extra server flags this type needs to compute correctly, and the only dtypes
+    # it runs in (empty: any); docs/architectures.md says why for each
+    cpu_vllm_args: tuple[str, ...] = ()
+    cpu_dtypes: tuple[str, ...] = ()
 
     @property
     def servable(self) -> bool:
@@ -176,6 +180,9 @@ class Architecture:
 _DEEPSEEK_STYLE_LAYOUT = MoELayout(**_QWEN_NAMES, num_experts_keys=("n_routed_experts",),
                                    shared_experts="shared_experts")
 _DEEPSEEK_V3_STYLE_LAYOUT = dataclasses.replace(_DEEPSEEK_STYLE_LAYOUT, router_bias="e_score_correction_bias")
+# MLA on CPU: the CPU_MLA backend (AMX_MLA, picked on AMX CPUs, refuses float32 weights) and vLLM's
+# native rotary embedding instead of its CPU kernel, which mis-rotates MLA's strided 3-D q_pe / k_pe views.
+_CPU_MLA_ARGS = ("--attention-backend", "CPU_MLA", "--compilation-config", '{"custom_ops": ["-rotary_embedding"]}')
 _SIGMOID_GROUPED = Routing("sigmoid", renormalize="norm_topk_prob", grouped=True, correction_bias=True,
                            scaling_key="routed_scaling_factor")
 
@@ -209,12 +216,14 @@ _ENTRIES = (
         Routing("softmax", grouped=True, scaling_key="routed_scaling_factor",
                 note="topk_method greedy or group_limited_greedy; transformers 5.19 ignores norm_topk_prob "
                      "(vLLM honours it; published checkpoints set it false)"),
-        reference_checkpoint="deepseek-ai/DeepSeek-V2-Lite", notes="MLA attention, dense first layers"),
+        reference_checkpoint="deepseek-ai/DeepSeek-V2-Lite", notes="MLA attention, dense first layers",
+        cpu_vllm_args=_CPU_MLA_ARGS),
     Architecture(
         "deepseek_v3", ("DeepseekV3ForCausalLM",), "MoESVDDeepseekV3ForCausalLM",
         _DEEPSEEK_V3_STYLE_LAYOUT,
         FirstKDense(), _SIGMOID_GROUPED, reference_checkpoint="deepseek-ai/DeepSeek-V3",
-        notes="MLA attention with q compression, dense first layers; also Kimi-K2 (same model type)"),
+        notes="MLA attention with q compression, dense first layers; also Kimi-K2 (same model type)",
+        cpu_vllm_args=_CPU_MLA_ARGS),
     Architecture(
         "glm4_moe", ("Glm4MoeForCausalLM",), "MoESVDGlm4MoeForCausalLM",
         _DEEPSEEK_V3_STYLE_LAYOUT,
@@ -226,7 +235,8 @@ _ENTRIES = (
         SparseStep(), Routing("softmax", renormalize="norm_topk_prob"),
         reference_checkpoint="Qwen/Qwen3-Next-80B-A3B-Instruct",
         notes="hybrid Gated DeltaNet / gated attention; vLLM 0.32 on CPU runs its linear attention in "
-              "bfloat16 only, with linear head dims its CPU kernel supports (128)"),
+              "bfloat16 only, with linear head dims its CPU kernel supports (128)",
+        cpu_dtypes=("bfloat16",)),
 )
 
 ARCHITECTURES: dict[str, Architecture] = {entry.model_type: entry for entry in _ENTRIES}
@@ -341,15 +351,17 @@ def hub_name(model_type: str, module_name_: str) -> str:
 def markdown_table() -> str:
     """The table as Markdown (docs/architectures.md embeds it; a test keeps the two equal)."""
     rows = ["| model_type | Hub architecture | plugin architecture | MoE block / experts (Hub names) | "
-            "MoE layers | routing | shared experts | reference checkpoint |",
-            "|---|---|---|---|---|---|---|---|"]
+            "MoE layers | routing | shared experts | reference checkpoint | vLLM 0.32 on CPU |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for a in ARCHITECTURES.values():
         lay = a.layout
         names = f"`{lay.moe_module}.experts.<e>.{{{lay.gate_proj},{lay.up_proj},{lay.down_proj}}}`"
         shared = f"`{lay.shared_experts}`" if lay.shared_experts else "none"
         if lay.shared_expert_gate:
             shared += f" + `{lay.shared_expert_gate}`"
+        cpu = [f"{'/'.join(a.cpu_dtypes)} only"] if a.cpu_dtypes else []
+        cpu += [f"`{' '.join(a.cpu_vllm_args)}`"] if a.cpu_vllm_args else []
         rows.append(f"| {a.model_type} | {', '.join(a.hub_architectures)} | {a.plugin_architecture or 'none'} | "
                     f"{names} | {a.moe_layers.describe()} | {a.routing.describe()} | {shared} | "
-                    f"{a.reference_checkpoint} |")
+                    f"{a.reference_checkpoint} | {'; '.join(cpu) or 'as is'} |")
     return "\n".join(rows) + "\n"

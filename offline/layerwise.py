@@ -159,7 +159,11 @@ class LayerwiseModel:
             return nn.functional.linear(norm(hidden), head)
 
     def non_layer_tensor_names(self) -> list[str]:
-        return [n for n in self.tensors.names() if not n.startswith("model.layers.")]
+        """Tensors outside the decoder layers the pipeline runs, copied unchanged: embeddings, final norm,
+        head, and layers past num_hidden_layers (DeepSeek-V3 / GLM-4.5 multi-token-prediction layers,
+        `num_nextn_predict_layers`, stored as model.layers.<num_hidden_layers + j>.*)."""
+        return [n for n in self.tensors.names() if not n.startswith("model.layers.")
+                or int(n.split(".")[2]) >= self.num_layers]
 
     def layer_tensor_names(self, layer_index: int) -> list[str]:
         prefix = f"model.layers.{layer_index}."

@@ -94,3 +94,27 @@ def test_correction_bias_moves_the_choice_but_not_the_weights(arch, tiny_model_d
     assert moved.any(), "the correction bias changed no token's choice: the fixture would not test it"
     counts = torch.bincount(chosen.reshape(-1), minlength=model.dims.num_experts)
     assert torch.equal(stats.routed_tokens, counts)  # the statistics follow the biased choice
+
+
+def test_multi_token_prediction_layers_are_passed_through(tiny_model_dir, tmp_path):
+    """DeepSeek-V3 / GLM-4.5 store their MTP layers as model.layers.<num_hidden_layers + j>: the pipeline
+    runs only the decoder layers and copies those tensors unchanged (they are not dropped)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir = shutil.copytree(tiny_model_dir("deepseek_v3"), tmp_path / "with_mtp")
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    config = json.loads((model_dir / "config.json").read_text())
+    last = config["num_hidden_layers"] - 1
+    mtp = {n.replace(f"model.layers.{last}.", f"model.layers.{last + 1}."): t.clone()
+           for n, t in tensors.items() if n.startswith(f"model.layers.{last}.")}
+    save_file({**tensors, **mtp}, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    config["num_nextn_predict_layers"] = 1
+    (model_dir / "config.json").write_text(json.dumps(config))
+    model = LayerwiseModel(model_dir)
+    copied = set(model.non_layer_tensor_names())
+    assert set(mtp) <= copied
+    assert not [n for n in copied if n.startswith(f"model.layers.{last}.")]
+    assert model.num_layers == config["num_hidden_layers"]

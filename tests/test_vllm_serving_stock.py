@@ -8,6 +8,7 @@ served model_name. qwen3_moe and mixtral run by default; the others are `slow` (
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -16,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from moesvd_vllm.architectures import ARCHITECTURES
 from serve.http import get_text, metric_value, parse_metrics, post_json
 from serve.launch import ServerOptions, VLLMServer
 from tests.support.tolerance import served_logprob_tolerance
@@ -23,32 +25,31 @@ from tests.support.tolerance import served_logprob_tolerance
 logger = logging.getLogger(__name__)
 
 DEFAULT_ARCHS = ("qwen3_moe", "mixtral")
-SLOW_ARCHS = ("qwen2_moe", "deepseek_v2", "phimoe", "olmoe", "deepseek_v3", "glm4_moe")
-MLA_ARCHS = ("deepseek_v2", "deepseek_v3")
+SLOW_ARCHS = ("qwen2_moe", "deepseek_v2", "phimoe", "olmoe", "deepseek_v3", "glm4_moe", "qwen3_next")
+# vLLM 0.32 on CPU runs Gated DeltaNet (qwen3_next) in bfloat16 only ("CPU GDN attention requires BF16.")
+BF16_ONLY_ARCHS = tuple(a for a in SLOW_ARCHS if ARCHITECTURES[a].cpu_dtypes == ("bfloat16",))
 PROMPT = "In the beginning God created the heaven and the earth."
 MAX_TOKENS = 8
 TOP_LOGPROBS = 5
 
 
-# vLLM 0.32's CPU rotary-embedding kernel (`_C.rotary_embedding`, GPT-J style) returns wrong values for
-# the 3-D, strided q_pe / k_pe views MLA hands it (model_executor/layers/mla.py:228): measured max error
-# 7.7 against its own forward_native and an independent reference for a [T, 4, 64] query (a flattened
-# [T, 256] query is right to 3e-7). Served with it, deepseek_v2 / deepseek_v3 disagree with transformers
-# from prompt position 1 on; with the op disabled (vLLM then runs RotaryEmbedding.forward_native) they
-# agree to 2e-5. transformers 5.19's DeepSeek-V3 attention agrees with an independent MLA reference
-# (interleaved-pair RoPE) to 3e-6 of 41 in float64.
-CPU_MLA_FLAGS = ["--attention-backend", "CPU_MLA",
-                 "--compilation-config", '{"custom_ops": ["-rotary_embedding"]}']
+def bf16_logprob_tolerance(max_abs_logit: float, num_layers: int) -> float:
+    """bfloat16 (vLLM computes in bf16, transformers in float32 on the same bf16 weights): each of ~6
+    roundings per layer (norms, attention, experts, residual) is off by up to eps/2 relative; independent
+    roundings add up as sqrt(count), a logit error of that relative size of the largest logit, and a
+    logprob carries its token's logit error plus the log-sum-exp's (x 2)."""
+    eps = torch.finfo(torch.bfloat16).eps
+    return 2 * (6 * num_layers) ** 0.5 * eps * max_abs_logit
 
 
 def server_extra_args(arch: str) -> list[str]:
-    """Per-architecture vLLM flags. deepseek_v2 / deepseek_v3 (MLA attention) on CPU hosts: vLLM 0.32
-    picks the AMX_MLA backend on CPUs with AMX, which rejects float32 weights ("expect weight to be
-    bfloat16, float16, ..."), so ask for the reference CPU_MLA backend; and keep the CPU rotary kernel
-    out (see CPU_MLA_FLAGS)."""
-    if arch in MLA_ARCHS and not torch.cuda.is_available():
-        return list(CPU_MLA_FLAGS)
-    return []
+    """Per-architecture vLLM flags on CPU hosts, from the architecture table: deepseek_v2 / deepseek_v3
+    (MLA) need the CPU_MLA backend (vLLM 0.32 picks AMX_MLA on AMX CPUs, which rejects float32 weights)
+    and the native rotary embedding (the CPU rotary kernel mis-rotates MLA's strided q_pe / k_pe views:
+    without it they disagree with transformers from prompt position 1 on; see docs/architectures.md)."""
+    if torch.cuda.is_available():
+        return []
+    return list(ARCHITECTURES[arch].cpu_vllm_args)
 
 
 ARCH_PARAMS = [pytest.param(a, id=a) for a in DEFAULT_ARCHS] + [
@@ -61,13 +62,14 @@ def served(request, tiny_model_dir, vllm_server):
     test files reuse them); each slow arch gets its own server, stopped after its tests so at most one
     of them holds memory at a time."""
     arch = request.param
-    model_dir = tiny_model_dir(arch)
+    dtype = "bfloat16" if arch in BF16_ONLY_ARCHS else "float32"
+    model_dir = tiny_model_dir(arch, **({"dtype": dtype} if arch in BF16_ONLY_ARCHS else {}))
     if arch in DEFAULT_ARCHS:
         server = vllm_server(model_dir)
         logger.info("stock vLLM %s: ready after %.0f s", arch, server.startup_seconds)
         yield arch, model_dir, server
         return
-    options = ServerOptions(model=str(model_dir), dtype="float32", enforce_eager=True,
+    options = ServerOptions(model=str(model_dir), dtype=dtype, enforce_eager=True,
                             extra_args=server_extra_args(arch))
     with VLLMServer(options) as server:
         logger.info("stock vLLM %s: ready after %.0f s", arch, server.startup_seconds)
@@ -87,22 +89,25 @@ def generation_tokens(server: VLLMServer) -> float:
     return metric_value(samples, "vllm:generation_tokens_total", model_name=server.name)
 
 
-def transformers_greedy(model_dir, prompt: str, steps: int) -> tuple[list[int], list[float]]:
-    """Greedy token ids and their logprobs from transformers (float32) on the same checkpoint."""
+def transformers_greedy(model_dir, prompt: str, steps: int, with_max_logit: bool = False):
+    """Greedy token ids and their logprobs from transformers (float32) on the same checkpoint (and the
+    largest |logit| seen, with `with_max_logit`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    tokens, logprobs = [], []
+    tokens, logprobs, max_logit = [], [], 0.0
     with torch.no_grad():
         for _ in range(steps):
-            logp = model(ids).logits[0, -1].log_softmax(-1)
+            logits = model(ids).logits[0, -1]
+            max_logit = max(max_logit, float(logits.abs().max()))
+            logp = logits.log_softmax(-1)
             token = int(logp.argmax())
             tokens.append(token)
             logprobs.append(float(logp[token]))
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return tokens, logprobs
+    return (tokens, logprobs, max_logit) if with_max_logit else (tokens, logprobs)
 
 
 def test_completion_has_finite_peaked_logprobs(served):
@@ -123,13 +128,15 @@ def test_greedy_tokens_and_logprobs_match_transformers(served):
     arch, model_dir, server = served
     logprobs = complete(server)["choices"][0]["logprobs"]
     vllm_tokens = [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]]
-    hf_tokens, hf_logprobs = transformers_greedy(model_dir, PROMPT, MAX_TOKENS)
+    hf_tokens, hf_logprobs, max_logit = transformers_greedy(model_dir, PROMPT, MAX_TOKENS, with_max_logit=True)
     assert vllm_tokens == hf_tokens, f"{arch}: vLLM {vllm_tokens} vs transformers {hf_tokens}"
-    # float32 on both sides, vLLM's kernels sum in other orders: SAFETY x the model's float32 noise
     prompt_ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT).input_ids
-    tolerance = served_logprob_tolerance(model_dir, [prompt_ids + hf_tokens])
-    difference = max(abs(a - b) for a, b in zip(logprobs["token_logprobs"], hf_logprobs))
-    logger.info("%s: vLLM vs transformers max |logprob diff| %.2e (tolerance %.2e)", arch, difference, tolerance)
+    num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    tolerance = (bf16_logprob_tolerance(max_logit, num_layers) if arch in BF16_ONLY_ARCHS
+                 # float32 on both sides, vLLM's kernels sum in other orders: SAFETY x the model's float32 noise
+                 else served_logprob_tolerance(model_dir, [prompt_ids + hf_tokens]))
+    logger.info("%s: stock vLLM vs transformers, max |logprob difference| %.2e (tolerance %.2e)", arch,
+                max(abs(a - b) for a, b in zip(logprobs["token_logprobs"], hf_logprobs)), tolerance)
     assert logprobs["token_logprobs"] == pytest.approx(hf_logprobs, abs=tolerance), arch
     assert len(set(hf_tokens)) > 1, f"{arch}: greedy generation is constant ({hf_tokens})"
 
@@ -148,13 +155,15 @@ def test_metrics_count_generated_tokens(served):
 
 
 ROTARY_BUG = ("vLLM 0.32 CPU rotary kernel mis-rotates 3-D / strided GPT-J-style inputs; when this XPASSes, "
-              "drop the rotary flag of CPU_MLA_FLAGS")
+              "drop the rotary flag of the table's cpu_vllm_args for MLA")
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=ROTARY_BUG)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU kernel only")
 def test_vllm_cpu_rotary_kernel_rotates_mla_views_like_forward_native():
-    """The reason for CPU_MLA_FLAGS: MLA's q_pe [T, heads, 64] is a strided view of q (mla.py:228)."""
+    """Why the MLA entries' cpu_vllm_args disable the rotary custom op: MLA's q_pe [T, heads, 64] is a
+    strided view of q (model_executor/layers/mla.py:228). Measured max error 7.7 for this query, against
+    vLLM's own forward_native (a flattened [T, 256] query is right to 3e-7)."""
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.rotary_embedding import get_rope
 
