@@ -5,7 +5,9 @@ client: loglikelihoods from `echo` + `logprobs`, generations from ordinary compl
 settings: tasks, few-shot count, seeds, document limit, batch size. Per task and metric the report gives
 A, B, recovery B/A and a 95 % paired bootstrap interval of the difference B - A (and of B/A): the same
 documents are resampled for both arms `bootstrap_resamples` times and the task's own aggregation
-(mean, perplexity, ...) is applied to each resample.
+(mean, perplexity, ...) is applied to each resample. The verdict is "B better" / "B worse" when the
+difference's interval excludes 0 by more than the numerical resolution (NUMERICAL_RESOLUTION x |A|),
+else "no difference within the noise".
 
 Every check runs before the first request of the A/B (`prepare_task_run`): lm-eval importable, each task
 a registered name (built-in, or local: serve/lm_tasks/) or a YAML file, its data loadable, a tokenizer per
@@ -36,6 +38,11 @@ LOGLIKELIHOOD_TYPES = {"loglikelihood", "loglikelihood_rolling", "multiple_choic
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 INTERVAL = (2.5, 97.5)
 B_BETTER, B_WORSE, NO_DIFFERENCE = "B better", "B worse", "no difference within the noise"
+# Differences below this fraction of A are numerical, not a change of the model: two servers computing the
+# same function in float32 differ by about 1e-6 relative (their kernels sum in other orders; an exact
+# full-rank twin of the bundled model: 2.6e-7 in cloze perplexity), bf16 serving by about 1e-2, which
+# stays visible. The bootstrap cannot see such a systematic offset as noise, so the verdict ignores it.
+NUMERICAL_RESOLUTION = 1e-4
 
 
 class TaskError(MoESVDError):
@@ -186,10 +193,12 @@ def paired_bootstrap(a_items: list, b_items: list, aggregate, resamples: int, se
     return out
 
 
-def _verdict(interval: list[float] | None, higher_is_better: bool | None) -> str | None:
+def _verdict(interval: list[float] | None, higher_is_better: bool | None, a: float) -> str | None:
     if interval is None or higher_is_better is None:
         return None
     low, high = interval
+    if max(abs(low), abs(high)) <= NUMERICAL_RESOLUTION * abs(a):
+        return NO_DIFFERENCE
     if low > 0:
         return B_BETTER if higher_is_better else B_WORSE
     if high < 0:
@@ -229,7 +238,7 @@ def compare_results(results: dict[str, dict], tasks: dict, resamples: int, seed:
                 row["documents"] = len(docs)
                 row.update(paired_bootstrap([a_items[d] for d in docs], [b_items[d] for d in docs],
                                             aggregations[metric], resamples, seed))
-                row["verdict"] = _verdict(row["difference_interval"], row["higher_is_better"])
+                row["verdict"] = _verdict(row["difference_interval"], row["higher_is_better"], row["a"])
             rows.append(row)
     return rows
 

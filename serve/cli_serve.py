@@ -15,9 +15,12 @@ import json
 import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from moesvd_vllm.format.schema import CONFIG_KEY, MoESVDConfig, SchemaError
+from moesvd_vllm.options import add_arguments as add_option_arguments
+from moesvd_vllm.options import from_arguments, option
 from serve.launch import ServerOptions, ServerStartError, VLLMServer
 
 PLUGIN_NAME = "moesvd"  # entry-point name of both plugins (pyproject.toml)
@@ -30,15 +33,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--startup-timeout S, and any vLLM server flag (passed through)")
 
 
-def _own_options(arguments: list[str]) -> tuple[argparse.Namespace, list[str]]:
+@dataclass(frozen=True)
+class ServeCommandOptions:
+    """The options `moesvd serve` keeps for itself (the rest of the command line goes to vLLM)."""
+
+    port: int = option(8000, "port of the OpenAI server")
+    host: str = option(ServerOptions.host, "address to listen on")
+    served_model_name: str | None = option(None, "model name in the API (unset: the directory's name)")
+    log_file: str | None = option(None, "vLLM's output (unset: a temporary file)")
+    startup_timeout: float = option(ServerOptions.startup_timeout_s, "seconds to wait until vLLM is healthy")
+
+
+def _own_options(arguments: list[str]) -> tuple[ServeCommandOptions, list[str]]:
     """Pick this command's options out of the free-form tail; everything else goes to vLLM."""
-    own = argparse.ArgumentParser(prog="moesvd serve", add_help=False)
-    own.add_argument("--port", type=int, default=8000)
-    own.add_argument("--host", default="127.0.0.1")
-    own.add_argument("--served-model-name", default=None)
-    own.add_argument("--log-file", default=None, help="vLLM's output (default: a temporary file)")
-    own.add_argument("--startup-timeout", type=float, default=900.0)
-    return own.parse_known_args(arguments)
+    own = argparse.ArgumentParser(prog="moesvd serve", add_help=False, allow_abbrev=False)
+    add_option_arguments(own, ServeCommandOptions)
+    known, rest = own.parse_known_args(arguments)
+    return from_arguments(ServeCommandOptions, known), rest
 
 
 def describe_model(model_dir: Path) -> str:

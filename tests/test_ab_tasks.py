@@ -2,8 +2,8 @@
 
 The local tasks (serve/lm_tasks/, built from the bundled corpus's test split) run on real vLLM servers:
 the bundled model dense against compressed at 60 % (recovery below 100 %, reproducible to the digit
-with the same seed), and a dense tiny model against its exact full-rank compressed twin (recovery 100 %
-within the bootstrap interval). A task given as a YAML file runs too.
+with the same seed), and against its exact full-rank compressed twin (recovery 100 % within the
+bootstrap interval). A task given as a YAML file runs too.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 from moesvd_vllm.cli import main as moesvd_main
 from serve.ab import ABOptions, run_ab
-from serve.ab_tasks import NO_DIFFERENCE
+from serve.ab_tasks import NO_DIFFERENCE, NUMERICAL_RESOLUTION
 from serve.lm_tasks import LOCAL_TASKS, TASKS_DIR
 from serve.lm_tasks.build import build, main as build_main
 
@@ -78,7 +78,8 @@ def test_compressed_bundled_model_task_recovery(bundled_task_reports):
         r_low, r_high = row["recovery_interval"]
         assert r_low <= row["recovery"] <= r_high, key
         assert row["verdict"] in ("B better", "B worse", NO_DIFFERENCE)
-        assert (row["verdict"] == NO_DIFFERENCE) == (low <= 0 <= high), key
+        numerical = max(abs(low), abs(high)) <= NUMERICAL_RESOLUTION * abs(row["a"])
+        assert (row["verdict"] == NO_DIFFERENCE) == (low <= 0 <= high or numerical), key
     for metric in ("acc", "acc_norm"):
         assert 0 <= rows[("kjv_next_sentence", metric)]["a"] <= 1
     # a trained model against chance (1/4 for four choices) and a compressed one that lost some of it
@@ -98,21 +99,25 @@ def test_same_seed_same_scores(bundled_task_reports):
             assert again[key][field] == row[field], (key, field)
 
 
-def test_dense_against_its_exact_twin_recovers_everything(ab_arms, full_rank_twin_server):
-    dense, _ = ab_arms
-    report = run_ab(ABOptions(a_url=dense.base_url, b_url=full_rank_twin_server.base_url, tasks=LOCAL_TASKS,
+def test_dense_against_its_exact_twin_recovers_everything(vllm_server, bundled_twin_server):
+    from offline.bundled import bundled_model_dir
+
+    dense = vllm_server(bundled_model_dir())  # the session's dense bundled server (also arm A of bundled_arms)
+    report = run_ab(ABOptions(a_url=dense.base_url, b_url=bundled_twin_server.base_url, tasks=LOCAL_TASKS,
                               limit=LIMIT, **NO_LOAD))
     assert report.complete, report.problems
     rows = rows_by_metric(report.tasks["rows"])
     assert set(rows) == EXPECTED_METRICS
     for key, row in rows.items():
+        assert row["a"] > 0, key  # the trained model scores: its recovery is defined
         low, high = row["recovery_interval"]
-        assert low <= 1.0 <= high, key
+        # 100 % within the interval, up to the numerical resolution: the twin's log-probabilities equal the
+        # dense ones to float32 rounding (sums of a few hundred terms in another order, ~1e-6 relative),
+        # a systematic offset that resampling documents cannot wash out
+        assert low - NUMERICAL_RESOLUTION <= 1.0 <= high + NUMERICAL_RESOLUTION, (key, low, high)
         assert row["verdict"] == NO_DIFFERENCE, key
-    # the twin's logprobs equal the dense ones to float32 rounding of a few hundred terms (~1e-5 per
-    # token), so the cloze perplexity agrees far better than one document's share (1 / LIMIT)
     ppl = rows[("kjv_cloze", "perplexity")]
-    assert math.isclose(ppl["recovery"], 1.0, rel_tol=1e-3)
+    assert math.isclose(ppl["recovery"], 1.0, rel_tol=NUMERICAL_RESOLUTION)
 
 
 def test_a_task_from_a_yaml_file(ab_arms, tmp_path):

@@ -4,6 +4,7 @@
   fixtures; the same servers tests/test_vllm_serving_stock.py uses, so they cost no extra start-up).
 - `full_rank_twin_server`: the plugin serving an exact full-rank compressed twin of arm A's model.
 - `bundled_arms`: the bundled model, dense (stock vLLM) and compressed at 60 % (the plugin).
+- `bundled_twin_server`: the plugin serving an exact full-rank compressed twin of the bundled model.
 - `failing_peer(mode, ...)`: a small stdlib HTTP server that speaks enough of the OpenAI API to fail
   on purpose (HTTP 4xx/5xx, or dying after a few answers). It is the broken far end, not a stand-in
   for vLLM: every test that needs real model output uses a real vLLM server.
@@ -64,6 +65,17 @@ def bundled_arms(vllm_server, tmp_path_factory):
     compressed_dir = compress(dense_dir, tmp_path_factory.mktemp("bundled") / "bundled-60", CompressionOptions(
         ratio=BUNDLED_RATIO, calib=str(corpus_split_path("train")), num_samples=64, seq_len=128))
     return vllm_server(dense_dir), vllm_server(compressed_dir)
+
+
+@pytest.fixture(scope="session")
+def bundled_twin_server(vllm_server, tmp_path_factory):
+    """The plugin serving the bundled model as an exact full-rank compressed twin (orthogonal bases)."""
+    from offline.bundled import bundled_model_dir
+    from offline.full_rank import write_full_rank_checkpoint
+
+    twin = write_full_rank_checkpoint(bundled_model_dir(), tmp_path_factory.mktemp("bundled_twin") / "bundled-full-rank",
+                                      basis="orthogonal")
+    return vllm_server(twin)
 
 
 # ---------------------------------------------------------------- failing peer
