@@ -280,6 +280,21 @@ def require_servable(model_type: str, *, offline_only: bool = False) -> Architec
     return entry
 
 
+OFFLINE_ONLY_PREFIX = "MoESVDOfflineOnly"
+
+
+def compressed_architectures(model_type: str, original: list[str]) -> list[str]:
+    """The `architectures` a compressed checkpoint of `model_type` carries: the plugin-only name when the
+    plugin serves the type, else an offline-only name that no vLLM registers (so serving it fails loudly;
+    the PyTorch reference reads `moe_svd.original_architectures`)."""
+    entry = architecture(model_type)
+    unknown = [a for a in original if a not in entry.hub_architectures]
+    if not original or unknown:
+        raise ArchitectureError(f"architectures {original} of config.json are not {model_type}'s "
+                                f"{list(entry.hub_architectures)}")
+    return [entry.plugin_architecture or f"{OFFLINE_ONLY_PREFIX}{a}" for a in original]
+
+
 # ------------------------------------------------------------------------------------------ dimensions
 def _first_key(config: dict[str, Any], keys: tuple[str, ...], what: str) -> int:
     for key in keys:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from moesvd_vllm.architectures import (
     moe_dims,
     moe_layer_indices,
     moe_layout,
+    compressed_architectures,
     require_servable,
 )
 from offline.fixtures.layouts import all_tensor_specs
@@ -139,3 +141,25 @@ def test_docs_show_the_table():
     assert begin in text and end in text, f"{DOCS} lost its table markers"
     shown = text.split(begin, 1)[1].split(end, 1)[0]
     assert shown == markdown_table(), "docs/architectures.md is out of date: paste markdown_table() into it"
+
+
+def test_compressed_architectures_name_the_plugin_or_an_offline_only_class(monkeypatch):
+    assert compressed_architectures("phimoe", ["PhimoeForCausalLM"]) == ["MoESVDPhiMoEForCausalLM"]
+    offline = dataclasses.replace(ARCHITECTURES["qwen3_moe"], plugin_architecture=None)
+    monkeypatch.setitem(architectures.ARCHITECTURES, "qwen3_moe", offline)
+    assert compressed_architectures("qwen3_moe", ["Qwen3MoeForCausalLM"]) == [
+        "MoESVDOfflineOnlyQwen3MoeForCausalLM"]
+    with pytest.raises(ArchitectureError, match="MixtralForCausalLM.*not qwen3_moe"):
+        compressed_architectures("qwen3_moe", ["MixtralForCausalLM"])
+
+
+def test_compress_refuses_an_unservable_type_before_any_work(monkeypatch, tiny_model_dir, tmp_path):
+    from offline.compress import CompressionOptions, compress
+
+    offline = dataclasses.replace(ARCHITECTURES["qwen3_moe"], plugin_architecture=None)
+    monkeypatch.setitem(architectures.ARCHITECTURES, "qwen3_moe", offline)
+    # a calibration source that does not exist: reaching the calibration stage would fail differently
+    options = CompressionOptions(ratio=0.3, calib=str(tmp_path / "no-such-text.txt"))
+    with pytest.raises(ArchitectureError, match="cannot serve it"):
+        compress(tiny_model_dir("qwen3_moe"), tmp_path / "out", options)
+    assert not (tmp_path / "out").exists()
