@@ -24,7 +24,8 @@ from moesvd_vllm.format.schema import (
     decomposed_layer_params,
     expected_layer_tensors,
 )
-from offline.expert_tensors import CheckpointTensors, fused_expert_names, per_expert_names, read_config
+from moesvd_vllm.format.safetensors_io import read_config
+from offline.expert_tensors import CheckpointTensors, fused_expert_names, per_expert_names
 
 _SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads",
                "head_dim")

@@ -18,7 +18,8 @@ from torch import nn
 from moesvd_vllm.architectures import MoEDims, moe_layout
 from moesvd_vllm.format.schema import LayerSpec, MoESVDConfig
 from offline.checkpoint_io import disk_name
-from offline.expert_tensors import CheckpointTensors, moe_prefix, read_config
+from moesvd_vllm.format.safetensors_io import read_config
+from offline.expert_tensors import CheckpointTensors, moe_prefix
 from offline.reference import PerExpertLowRankExperts, SharedBasisExperts, _build_compressed_experts
 from offline.shared_core import SharedCoreExperts, tensor_names
 
