@@ -190,9 +190,15 @@ def decompose_layer(model: LayerwiseModel, index: int, layer: nn.Module, stats: 
     work = LayerWork(model, index, layer, stats, shape, sensitivity, write_back, TensorSink(add))
     result = options.make_method().compress_layer(work)
     expected = expected_layer_tensors(model.model_type, index, result.spec, model.dims, model.expert_dtype())
-    if result.written != expected:  # a bug in the method, never a user error
-        raise AssertionError(f"layer {index}: written tensors differ from the schema: "
-                             f"{sorted(set(result.written) ^ set(expected))[:4]} ...")
+    if result.written != expected:  # a bug in the method, never a user error: say what and where
+        differing = [f"{name}: wrote {result.written.get(name)}, the schema needs {expected.get(name)}"
+                     for name in sorted(set(result.written) | set(expected))
+                     if result.written.get(name) != expected.get(name)]
+        raise AssertionError(
+            f"layer {index}: method {options.method!r} wrote tensors that differ from its own layer spec "
+            f"(rank {result.spec.rank}, banks {result.spec.num_banks}, kept neurons {result.spec.intermediate}); "
+            f"nothing was written to the output. {'; '.join(differing[:3])}. This is a bug of the method: "
+            "please report it with the model's config.json; another --method or --ratio may avoid it")
     return result
 
 

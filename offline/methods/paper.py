@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from moesvd_vllm.architectures import MoEDims
+from moesvd_vllm.errors import MoESVDError
+from moesvd_vllm.format.schema import RANK_MULTIPLE
 from offline import decompose as dec
 from offline.expert_tensors import LayerExperts
 from offline.methods.base import LayerWork
@@ -26,6 +29,17 @@ class MostFrequentExpertBases(SharedBasisMethod):
     summary = "the paper: the most frequent expert's bases and U-trimming (servable)"
     min_intermediate_fraction = 1.0
     trim_keep = 2
+
+    def rank_steps(self, dims: MoEDims) -> tuple[int, int]:
+        # Eq. 5-6 take both bases from ONE expert: its down projection [H, I] has rank <= I, so with
+        # fine-grained experts (I < H) the rank cannot exceed I (rounded down to the kernel's multiple).
+        largest = min(dims.hidden, dims.intermediate) // RANK_MULTIPLE * RANK_MULTIPLE
+        if largest < RANK_MULTIPLE:
+            raise MoESVDError(
+                f"method {self.name!r} needs min(hidden {dims.hidden}, expert intermediate {dims.intermediate}) "
+                f">= {RANK_MULTIPLE} (its bases come from one expert; vLLM's kernel needs ranks in multiples of "
+                f"{RANK_MULTIPLE}); use the default method (neuron selection) for this model")
+        return largest, RANK_MULTIPLE
 
     def shared_bases(self, work: LayerWork, experts: LayerExperts, grams: ExpertGrams, rank: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
