@@ -95,7 +95,7 @@ class ABOptions:
     quality_max_tokens: int = option(16, "greedy continuation length compared for exact match")
     tasks: tuple[str, ...] = option(
         (), "lm-evaluation-harness tasks run on both arms (names or YAML files, comma-separated; local: "
-        "kjv_next_sentence, kjv_cloze); needs `pip install 'moesvd-vllm[eval]'`", parse=_name_list,
+        "kjv_sentence_ending, kjv_cloze); needs `pip install 'moesvd-vllm[eval]'`", parse=_name_list,
         metavar="TASKS")
     num_fewshot: int | None = option(None, "few-shot examples per task (unset: the task's default)")
     limit: int | None = option(None, "documents per task (unset: all)")

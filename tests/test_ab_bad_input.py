@@ -159,7 +159,7 @@ def test_unknown_task_is_refused_before_any_request(ab_arms, capsys):
     server_a, server_b = ab_arms
     before = (_requests_counted(server_a), _requests_counted(server_b))
     with pytest.raises(ABError, match=r"unknown lm-eval task 'kjv_clozee' \(did you mean \['kjv_cloze'\]\?\); "
-                                      r"local tasks: \['kjv_next_sentence', 'kjv_cloze'\]"):
+                                      r"local tasks: \['kjv_sentence_ending', 'kjv_cloze'\]"):
         run_ab(ABOptions(a_url=server_a.base_url, b_url=server_b.base_url, **dict(TASKS_SMALL, tasks=("kjv_clozee",))))
     with pytest.raises(ABError, match=r"task file .*missing.yaml not found"):
         run_ab(ABOptions(a_url=server_a.base_url, b_url=server_b.base_url,

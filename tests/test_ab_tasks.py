@@ -21,7 +21,7 @@ from serve.lm_tasks.build import build, main as build_main
 
 LIMIT = 80
 NO_LOAD = dict(speed=False, quality=False, show_progress=False)
-EXPECTED_METRICS = {("kjv_next_sentence", "acc"), ("kjv_next_sentence", "acc_norm"), ("kjv_cloze", "acc"),
+EXPECTED_METRICS = {("kjv_sentence_ending", "acc"), ("kjv_sentence_ending", "acc_norm"), ("kjv_cloze", "acc"),
                     ("kjv_cloze", "perplexity")}
 
 
@@ -39,7 +39,7 @@ def test_local_task_data_are_the_builders_output_from_the_test_split():
         for doc in content["docs"][:50]:
             assert doc["context"].split(". ")[0] in test_text  # held-out text
             assert doc["context"] not in train_text
-    docs = build()["kjv_next_sentence.json"]["docs"]
+    docs = build()["kjv_sentence_ending.json"]["docs"]
     assert all(len(d["choices"]) == 4 and 0 <= d["label"] < 4 for d in docs)
     assert len({d["label"] for d in docs}) == 4  # the answer is not always in one place
     cloze = build()["kjv_cloze.json"]["docs"]
@@ -81,9 +81,9 @@ def test_compressed_bundled_model_task_recovery(bundled_task_reports):
         numerical = max(abs(low), abs(high)) <= NUMERICAL_RESOLUTION * abs(row["a"])
         assert (row["verdict"] == NO_DIFFERENCE) == (low <= 0 <= high or numerical), key
     for metric in ("acc", "acc_norm"):
-        assert 0 <= rows[("kjv_next_sentence", metric)]["a"] <= 1
+        assert 0 <= rows[("kjv_sentence_ending", metric)]["a"] <= 1
     # a trained model against chance (1/4 for four choices) and a compressed one that lost some of it
-    assert rows[("kjv_next_sentence", "acc")]["a"] > 0.25
+    assert rows[("kjv_sentence_ending", "acc")]["a"] > 0.25
     assert rows[("kjv_cloze", "perplexity")]["b"] > rows[("kjv_cloze", "perplexity")]["a"] > 1
     assert rows[("kjv_cloze", "perplexity")]["higher_is_better"] is False
     for needle in ("Tasks (lm-evaluation-harness)", "| kjv_cloze | perplexity (lower is better) |", "recovery"):

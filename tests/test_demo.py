@@ -43,7 +43,7 @@ def test_demo_compresses_serves_compares_and_runs_the_speed_leg(tmp_path):
     report = json.loads(next((out / "ab").glob("*.json")).read_text())
     assert report["quality"]["prompts_scored"] > 0
     tasks = {(row["task"], row["metric"]) for row in report["tasks"]["rows"]}
-    assert {("kjv_next_sentence", "acc"), ("kjv_cloze", "acc"), ("kjv_cloze", "perplexity")} <= tasks
+    assert {("kjv_sentence_ending", "acc"), ("kjv_cloze", "acc"), ("kjv_cloze", "perplexity")} <= tasks
     assert "Tasks (lm-evaluation-harness)" in result.stdout
     for level in report["speed"]:
         assert level["ratios"]["output_throughput"]["verdict"] in (FASTER, SLOWER, NO_DIFFERENCE)

@@ -35,21 +35,31 @@ def _fits(sentence: str) -> bool:
     return MIN_WORDS <= len(sentence.split()) <= MAX_WORDS
 
 
-def next_sentence_docs(chapters: list[list[str]], rng: random.Random) -> list[dict]:
-    """{"context", "choices", "label", "id"}: the passage (two sentences), 4 candidate next sentences."""
-    positions = [(c, i) for c, sentences in enumerate(chapters) for i in range(1, len(sentences) - 1)
-                 if _fits(sentences[i]) and _fits(sentences[i + 1])]
-    pool = [(c, s) for c, sentences in enumerate(chapters) for s in sentences if _fits(s)]
+def _halves(sentence: str) -> tuple[str, str] | None:
+    """(beginning, ending) cut at the word boundary nearest the middle; None when too short."""
+    words = sentence.split()
+    if not MIN_WORDS <= len(words) <= MAX_WORDS:
+        return None
+    cut = len(words) // 2
+    return " ".join(words[:cut]), " ".join(words[cut:])
+
+
+def sentence_ending_docs(chapters: list[list[str]], rng: random.Random) -> list[dict]:
+    """{"context", "choices", "label", "id"}: the previous sentence and the first half of a sentence; the
+    true second half and 3 second halves of similar length from other chapters (HellaSwag-style endings)."""
+    positions = [(c, i) for c, sentences in enumerate(chapters) for i in range(1, len(sentences))
+                 if _halves(sentences[i])]
+    endings = [(c, _halves(s)[1]) for c, sentences in enumerate(chapters) for s in sentences if _halves(s)]
     docs = []
     for c, i in sorted(rng.sample(positions, min(NUM_DOCS, len(positions)))):
-        true = chapters[c][i + 1]
+        beginning, true = _halves(chapters[c][i])
         length = len(true.split())
-        similar = [s for other, s in pool if other != c and s != true
-                   and abs(len(s.split()) - length) <= LENGTH_SLACK * length]
+        similar = [e for other, e in endings if other != c and e != true
+                   and abs(len(e.split()) - length) <= LENGTH_SLACK * length]
         choices = rng.sample(similar, NUM_CHOICES - 1)
         label = rng.randrange(NUM_CHOICES)
         choices.insert(label, true)
-        docs.append({"id": f"ch{c}:s{i}", "context": f"{chapters[c][i - 1]} {chapters[c][i]}",
+        docs.append({"id": f"ch{c}:s{i}", "context": f"{chapters[c][i - 1]} {beginning}",
                      "choices": choices, "label": label})
     return docs
 
@@ -77,7 +87,7 @@ def build() -> dict[str, dict]:
     chapters = chapters_as_sentences(source.read_text(encoding="utf-8"))
     header = {"source": "offline/bundled/kjv_text/test.txt (the bundled model's held-out split)",
               "builder": "python -m serve.lm_tasks.build", "seed": SEED}
-    return {"kjv_next_sentence.json": {**header, "docs": next_sentence_docs(chapters, random.Random(SEED))},
+    return {"kjv_sentence_ending.json": {**header, "docs": sentence_ending_docs(chapters, random.Random(SEED))},
             "kjv_cloze.json": {**header, "docs": cloze_docs(chapters, random.Random(SEED + 1))}}
 
 

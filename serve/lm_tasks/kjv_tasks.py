@@ -17,8 +17,8 @@ def _dataset(file_name: str):
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
 
 
-def next_sentence(**kwargs):
-    return _dataset("kjv_next_sentence.json")
+def sentence_ending(**kwargs):
+    return _dataset("kjv_sentence_ending.json")
 
 
 def cloze(**kwargs):
