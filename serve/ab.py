@@ -36,9 +36,12 @@ from serve.quality import PromptScores, QualitySettings, compare_quality, score_
 logger = logging.getLogger(__name__)
 
 MIN_ROUNDS = 3
-# Measured on the 2-core machine (docs/monitoring.md, "How long a round must be"): rounds of at least
-# 4 s gave a spread of the B/A throughput ratio of identical arms within +-10 %.
-DEFAULT_MIN_ROUND_SECONDS = 4.0
+# Measured on the shared 2-core machine with two servers of one model (docs/monitoring.md, "How long a
+# round must be"): the per-round log-ratio spread was 0.52-0.64 for rounds of 1-5 s and 0.21 for rounds
+# of 8-10 s; 6 rounds (orders balanced, min-max holding the median with 97 %) covered 1.0 in 15 of 15 runs,
+# 3 rounds in 13 of 15.
+DEFAULT_ROUNDS = 6
+DEFAULT_MIN_ROUND_SECONDS = 8.0
 
 
 class ABError(RuntimeError):
@@ -81,7 +84,7 @@ class ABOptions:
         (), "Poisson request rates per level, requests/s (instead of --concurrency)", flag="--request-rate",
         parse=_float_list, exclusive="load")
     speed: bool = option(True, "measure speed (--no-speed: quality and tasks only)")
-    repeats: int = option(MIN_ROUNDS, f"measured rounds per load level (at least {MIN_ROUNDS}), arm order "
+    repeats: int = option(DEFAULT_ROUNDS, f"measured rounds per load level (at least {MIN_ROUNDS}), arm order "
                           "alternating (A-B, B-A, A-B, ...); each ratio is the median of the per-round "
                           "ratios with their min-max spread")
     min_round_seconds: float = option(

@@ -234,7 +234,7 @@ def test_cli_prints_the_table_and_writes_the_report(ab_arms, tmp_path, capsys):
                                  for i in range(3)) + "\n")
     code = moesvd_main(["ab", "--a", server_a.base_url, "--b", server_b.base_url + "/v1",
                         "--prompts", str(prompts), "--request-rate", "50", "--max-tokens", "4",
-                        "--min-round-seconds", "0",
+                        "--min-round-seconds", "0", "--repeats", "3",
                         "--quality-max-tokens", "4", "--top-logprobs", "3", "--out", str(tmp_path / "out"),
                         "--no-plots", "--no-progress"])
     printed = capsys.readouterr().out
@@ -255,7 +255,7 @@ def test_dense_against_its_exact_compressed_twin(ab_arms, full_rank_twin_server,
     dense, _ = ab_arms
     report = run_ab(ABOptions(a_url=dense.base_url, b_url=full_rank_twin_server.base_url, num_prompts=8,
                               concurrency=(4,), max_tokens=MAX_TOKENS, quality_max_tokens=8,
-                              top_logprobs=5, min_round_seconds=0, show_progress=False))
+                              top_logprobs=5, repeats=3, min_round_seconds=0, show_progress=False))
     assert report.complete, report.problems
     assert report.metadata["arms"]["B"]["model"] == "qwen3_moe-full-rank"
     quality = report.quality

@@ -18,8 +18,8 @@ from serve.launch import free_port
 from serve.prompts import PromptError, prompts_from_jsonl
 
 SMALL = dict(num_prompts=4, concurrency=(1, 2), max_tokens=4, quality_max_tokens=4, top_logprobs=3,
-             min_round_seconds=0, show_progress=False)
-ROUNDS = 3  # the default
+             repeats=3, min_round_seconds=0, show_progress=False)
+ROUNDS = 3
 
 
 def test_unreachable_arm_is_named_before_any_load(ab_arms, capsys):
