@@ -143,6 +143,7 @@ def recover(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike, optio
         output = _Output(writer, student)
         report = _train(inputs, student, data, options, output)
         report["seconds"] = time.perf_counter() - started
+        report["cpu_seconds"] = _cpu_seconds()
         report["peak_rss_bytes"] = _peak_rss_bytes()
         output.copy_the_rest()
         record = {**options.recorded(), "teacher": str(inputs.teacher), "data_sha256": data.sha256,
@@ -219,6 +220,14 @@ def _peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (wall time on a shared machine says little about the work)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _summary(report: dict[str, Any]) -> dict[str, Any]:
