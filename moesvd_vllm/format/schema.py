@@ -49,9 +49,6 @@ FORMS = ("shared_basis", "per_expert", "shared_core")
 BASIS_DTYPES = ("float32", "bfloat16", "float16")
 
 
-
-
-
 def _from_dict(cls, data: Any, where: str):
     """Build dataclass `cls` from `data`, rejecting unknown and missing keys with the path in the message."""
     if not isinstance(data, dict):
