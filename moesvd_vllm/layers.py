@@ -31,12 +31,12 @@ from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import Un
 from vllm.model_executor.layers.linear import ReplicatedLinear
 
 from moesvd_vllm.architectures import MoEDims, moe_layout
+from moesvd_vllm.format.safetensors_io import torch_dtype
 from moesvd_vllm.errors import MoESVDError
 from moesvd_vllm.format.schema import CONFIG_KEY, LayerSpec, MoESVDConfig, SchemaError
 
 logger = logging.getLogger("vllm.moesvd_vllm.layers")
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Parameter names of the two shared bases (also their names in the checkpoint, under the MoE block).
 INPUT_BASIS = "moe_svd_in"
@@ -66,10 +66,6 @@ def compression_config(hf_config) -> MoESVDConfig:
                 "the per-expert form is a baseline for the PyTorch reference, offline.reference). "
                 "Re-compress with the shared-basis method to serve it.")
     return config
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _TORCH_DTYPES[name]
 
 
 def _factor_shards(parallel: FusedMoEParallelConfig) -> tuple[int, int]:
