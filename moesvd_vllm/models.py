@@ -63,6 +63,7 @@ def install_compression(vllm_config) -> None:
         raise CompressionConfigError(
             "quantization is not supported together with MoE-SVD compressed layers; start the server "
             "without --quantization")
+    _refuse_cpu_expert_parallel_with_dense_layers(vllm_config, compression, config)
     if vllm_config.parallel_config.enable_ep_weight_filter:
         raise CompressionConfigError(
             "--enable-ep-weight-filter skips the expert tensors of other ranks, but every rank of a MoE-SVD "
@@ -75,6 +76,26 @@ def install_compression(vllm_config) -> None:
     logger.info("moesvd: %s with %d MoE-SVD layer(s) (method %s, format %d) on vLLM's %s",
                 hf_config.architectures, len(compression.layers), compression.method,
                 compression.format_version, config.get("model_type"))
+
+
+def _refuse_cpu_expert_parallel_with_dense_layers(vllm_config, compression, config: dict) -> None:
+    """vLLM 0.32's CPU fused-MoE kernel has no expert map (`CPUUnquantizedExperts.supports_expert_map()` is
+    False): with --enable-expert-parallel, a MoE layer left dense indexes its rank's half of the experts with
+    global expert ids and the worker dies with a segmentation fault in cpu_fused_moe (measured). MoE-SVD
+    layers keep every bank on every rank and are not affected; refuse the combination instead of crashing."""
+    from vllm.platforms import current_platform
+
+    from moesvd_vllm.architectures import moe_layer_indices
+    from moesvd_vllm.layers import CompressionConfigError
+
+    if not (vllm_config.parallel_config.enable_expert_parallel and current_platform.is_cpu()):
+        return
+    dense = sorted(set(moe_layer_indices(config)) - set(compression.decomposed_layers))
+    if dense:
+        raise CompressionConfigError(
+            f"--enable-expert-parallel on CPU: vLLM's CPU fused-MoE kernel cannot place experts on ranks (no "
+            f"expert map) and crashes on the MoE layer(s) {dense} this checkpoint leaves dense. Serve with "
+            "--tensor-parallel-size alone (the same split of the compressed layers), or compress every MoE layer.")
 
 
 def _refuse_non_finite(name: str, tensor) -> None:
