@@ -30,6 +30,7 @@ from torch import nn
 
 from moesvd_vllm.errors import MoESVDError
 from moesvd_vllm.format.schema import CalibrationInfo
+from offline.distributed import Ranks
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def gram(rows: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     float32 GEMMs over chunks of `GRAM_CHUNK_ROWS` rows, accumulated in float64: about 2x the speed of a
     float64 GEMM, relative difference to it ~1e-7 on bf16/float32 inputs, three orders below the damping
     (`damp` 1e-4 of the mean diagonal) that regularises every Gram before it is factored."""
-    out = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+    out = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
     for start in range(0, rows.shape[0], GRAM_CHUNK_ROWS):
         x = rows[start:start + GRAM_CHUNK_ROWS].float()
         if scale is not None:
@@ -191,10 +192,11 @@ class RoutedInputs:
                 self.top_k_weights = [torch.cat(self.top_k_weights)]
             index = self.top_k_index[0] if self.top_k_index else torch.zeros(0, 1, dtype=torch.int64)
             weights = self.top_k_weights[0] if self.top_k_weights else torch.zeros(0, 1)
+            device = index.device
             flat = index.reshape(-1)
             slots = torch.argsort(flat, stable=True)
             counts = torch.bincount(flat, minlength=int(flat.max()) + 1 if flat.numel() else 1)
-            offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+            offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=device)
             offsets[1:] = torch.cumsum(counts, 0)
             self._order = (slots // index.shape[1], weights.reshape(-1)[slots], offsets)
         return self._order
@@ -202,7 +204,7 @@ class RoutedInputs:
     def expert_rows(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The inputs routed to `expert` [T_e, H] (token order) and their routing weights [T_e]."""
         tokens, weights, offsets = self._expert_order()
-        if expert + 1 >= offsets.numel():
+        if not self.hidden or expert + 1 >= offsets.numel():
             return self.hidden[0][:0] if self.hidden else torch.zeros(0, 0), weights[:0]
         start, end = int(offsets[expert]), int(offsets[expert + 1])
         return self.hidden[0][tokens[start:end]], weights[start:end]
@@ -221,6 +223,7 @@ class ExpertStatistics:
     intermediate: int
     collect_grams: bool = True
     routing_weighted: bool = False  # scale each routed token by its routing weight in the Grams
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the sums live
     routed_tokens: torch.Tensor = field(init=False)  # [E] tokens routed to each expert (Eq. 9 numerator)
     total_tokens: int = field(init=False, default=0)  # real (unpadded) tokens seen
     abs_sum: torch.Tensor = field(init=False)  # [E] sum |activation| over the expert's activations
@@ -233,15 +236,15 @@ class ExpertStatistics:
     outliers: torch.Tensor | None = field(init=False, default=None)  # [E] counts above tau*mean
 
     def __post_init__(self) -> None:
-        e = self.num_experts
-        self.routed_tokens = torch.zeros(e, dtype=torch.int64)
-        self.abs_sum = torch.zeros(e, dtype=torch.float64)
-        self.num_activations = torch.zeros(e, dtype=torch.int64)
+        e, at = self.num_experts, dict(device=self.device)
+        self.routed_tokens = torch.zeros(e, dtype=torch.int64, **at)
+        self.abs_sum = torch.zeros(e, dtype=torch.float64, **at)
+        self.num_activations = torch.zeros(e, dtype=torch.int64, **at)
         if self.collect_grams:
             self.routed = RoutedInputs()
-            self.gram_mid_sum = torch.zeros(self.intermediate, self.intermediate, dtype=torch.float64)
-            self.gram_layer = torch.zeros(self.hidden, self.hidden, dtype=torch.float64)
-            self.gram_out = torch.zeros(self.hidden, self.hidden, dtype=torch.float64)
+            self.gram_mid_sum = torch.zeros(self.intermediate, self.intermediate, dtype=torch.float64, **at)
+            self.gram_layer = torch.zeros(self.hidden, self.hidden, dtype=torch.float64, **at)
+            self.gram_out = torch.zeros(self.hidden, self.hidden, dtype=torch.float64, **at)
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -262,6 +265,8 @@ class ExpertStatistics:
         if self.routed is None:
             raise RuntimeError("Gram matrices were not collected for this layer (collect_grams=False)")
         rows, weights = self.routed.expert_rows(expert)
+        if rows.shape[-1] != self.hidden:  # no routed inputs at all (a rank without calibration windows)
+            rows = torch.zeros(0, self.hidden, device=self.device)
         return rows, (weights if self.routing_weighted else None)
 
     def input_gram(self, expert: int) -> torch.Tensor:
@@ -275,10 +280,25 @@ class ExpertStatistics:
         projection), recomputed from its routed inputs with the `experts` module."""
         rows, weights = self._expert_inputs(expert)
         if rows.shape[0] == 0:
-            return torch.zeros(self.intermediate, self.intermediate, dtype=torch.float64)
+            return torch.zeros(self.intermediate, self.intermediate, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             activations = expert_activations(self.experts, expert, rows)
         return gram(activations, weights)
+
+    def sum_over_ranks(self, ranks: Ranks) -> None:
+        """Every rank's sums added up (each rank saw its own calibration windows), in place; the routed
+        inputs stay per rank (each expert's Grams are summed when formed, `ExpertGrams`)."""
+        if not ranks.distributed:
+            return
+        self.total_tokens = ranks.all_reduce_int(self.total_tokens)
+        ranks.all_reduce(*(t for t in (self.routed_tokens, self.abs_sum, self.num_activations, self.gram_mid_sum,
+                                        self.gram_layer, self.gram_out) if t is not None))
+
+    def sum_outliers_over_ranks(self, ranks: Ranks) -> None:
+        if ranks.distributed:
+            if self.outliers is None:
+                self.outliers = torch.zeros(self.num_experts, dtype=torch.int64, device=self.device)
+            ranks.all_reduce(self.outliers)
 
     @property
     def gram_in(self) -> torch.Tensor:
@@ -358,7 +378,7 @@ class ExpertStatisticsHook:
     def _count_outliers(self, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
         s = self.stats
         if s.outliers is None:
-            s.outliers = torch.zeros(s.num_experts, dtype=torch.int64)
+            s.outliers = torch.zeros(s.num_experts, dtype=torch.int64, device=s.device)
         for expert in range(s.num_experts):
             routed = (top_k_index == expert).any(dim=-1)
             if not routed.any():

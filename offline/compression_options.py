@@ -17,6 +17,7 @@ from moesvd_vllm.errors import MoESVDError
 from moesvd_vllm.format.safetensors_io import dtype_name
 from moesvd_vllm.format.schema import BASIS_DTYPES, INTERMEDIATE_MULTIPLE
 from moesvd_vllm.options import from_mapping, option
+from offline.devices import DEVICE_CHOICES_HELP, check_device_spec
 from offline.methods import CompressionMethod, method_class, method_names
 from offline.sensitivity import RatioError
 
@@ -84,7 +85,12 @@ class CompressionOptions:
     damp: float = option(1e-4, "+ damp * mean(diag) * I on every per-expert Gram")
     baseline_rank_step: int = option(1, "rank granularity of the per-expert baselines")
     max_shard_bytes: int = option(2 * 1024**3, "largest output shard in bytes")
-    force: bool = option(False, "replace an existing output directory")
+    device: str = option("auto", f"where layers, statistics and fits compute: {DEVICE_CHOICES_HELP}; under "
+                         "torchrun `cuda` is each process's LOCAL_RANK GPU")
+    force: bool = option(False, "replace an existing output directory (and discard a killed run's partial "
+                         "output)")
+    resume: bool = option(False, "continue a killed compression into the same --out from its first "
+                          "unfinished layer (same input, options and process count)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionOptions:
@@ -97,6 +103,9 @@ class CompressionOptions:
         if not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio < 1.0):
             raise RatioError(f"compression ratio must be strictly between 0 and 1 (e.g. 0.4), got {self.ratio}")
         self._check_choices()
+        check_device_spec(self.device)
+        if self.force and self.resume:
+            raise OptionsError("--force starts over and --resume continues a killed run: give one of them")
         fraction = self.min_intermediate_fraction
         if fraction is not None and not 0.0 < fraction <= 1.0:
             raise OptionsError(f"min_intermediate_fraction must be in (0, 1], got {fraction}")
@@ -157,7 +166,7 @@ class CompressionOptions:
     def recorded(self) -> dict[str, Any]:
         """Options as stored in `moe_svd.options` (defaults resolved; no output-only flags)."""
         out = dataclasses.asdict(self)
-        for key in ("force", "max_shard_bytes"):
+        for key in ("force", "max_shard_bytes", "device", "resume"):
             out.pop(key)
         out["selection"] = self.effective_selection
         out["trim_keep"] = self.effective_trim_keep

@@ -55,9 +55,11 @@ class LayerwiseModel:
     """A checkpoint read lazily; builds embeddings, masks and one decoder layer at a time.
 
     `compute_dtype`: the dtype the layers run in; by default `default_compute_dtype` of the experts'
-    stored dtype."""
+    stored dtype. `device`: where the built layers, embeddings and masks live (offline/devices.py)."""
 
-    def __init__(self, model_dir: str | os.PathLike, compute_dtype: torch.dtype | None = None):
+    def __init__(self, model_dir: str | os.PathLike, compute_dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
         self.model_dir = Path(model_dir)
         self.raw_config = read_config(self.model_dir)
         self.model_type = self.raw_config.get("model_type", "")
@@ -70,7 +72,7 @@ class LayerwiseModel:
         self.compute_dtype = compute_dtype or default_compute_dtype(self.expert_dtype())
         self.config = _hf_config(self.model_dir)
         self._skeleton = self._meta_model()
-        self._rotary = type(self._skeleton.model.rotary_emb)(config=self.config)
+        self._rotary = type(self._skeleton.model.rotary_emb)(config=self.config).to(self.device)
         self._moe_attribute = module_moe_block(self.model_type, 0).removeprefix("model.layers.0.")
 
     def _meta_model(self) -> nn.Module:
@@ -81,14 +83,16 @@ class LayerwiseModel:
 
     # ----------------------------------------------------------------------------------- model inputs
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        weight = self.tensors.get("model.embed_tokens.weight").to(self.compute_dtype)
-        return nn.functional.embedding(input_ids, weight)
+        weight = self.tensors.get("model.embed_tokens.weight").to(self.device, self.compute_dtype)
+        return nn.functional.embedding(input_ids.to(self.device), weight)
 
     def layer_inputs(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> LayerInputs:
         """Position ids, rotary embeddings and masks as the HF model's forward builds them."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-        position_ids = torch.arange(hidden.shape[1]).unsqueeze(0)
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(hidden.device)
         kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
                       past_key_values=None, position_ids=position_ids)
         masks: dict[str, object] = {"full_attention": create_causal_mask(**kwargs)}
@@ -121,12 +125,13 @@ class LayerwiseModel:
         dims = self.dims if layer_index in self.moe_layers else None
         state = layer_state_dict(self.tensors, self.model_type, layer_index,
                                  [k for k in keys if k not in expert_keys], dims)
-        state = {k: v.to(self.compute_dtype) for k, v in state.items()}
+        state = {k: v.to(self.device, self.compute_dtype) for k, v in state.items()}
         if expert_keys:  # read straight into the fused tensors, in the compute dtype (one copy)
             if dims is None:
                 raise CheckpointError(f"layer {layer_index}: unexpected routed experts in a dense layer")
             gate_up, down = read_fused_experts(self.tensors, self.model_type, layer_index, dims,
                                                self.compute_dtype)
+            gate_up, down = gate_up.to(self.device), down.to(self.device)
             state.update({k: gate_up if k.endswith(_FUSED_EXPERT_KEYS[0]) else down for k in expert_keys})
         layer.load_state_dict(state, strict=True, assign=True)
         leftover = [n for n, b in layer.named_buffers() if b.is_meta]
@@ -153,8 +158,9 @@ class LayerwiseModel:
         """Final norm and LM head (used by tests to compare with the full HF model)."""
         norm = type(self._skeleton.model.norm)(self.config.hidden_size, eps=self.config.rms_norm_eps)
         norm.load_state_dict({"weight": self.tensors.get("model.norm.weight").to(self.compute_dtype)})
+        norm = norm.to(hidden.device)
         head_name = "lm_head.weight" if "lm_head.weight" in self.tensors else "model.embed_tokens.weight"
-        head = self.tensors.get(head_name).to(self.compute_dtype)
+        head = self.tensors.get(head_name).to(hidden.device, self.compute_dtype)
         with torch.no_grad():
             return nn.functional.linear(norm(hidden), head)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,15 +32,19 @@ from torch import nn
 from tqdm import tqdm
 
 from moesvd_vllm.architectures import require_servable
-from moesvd_vllm.format.safetensors_io import check_output_dir
+from moesvd_vllm.format.safetensors_io import check_output_dir, resumable_partial_dir
 from moesvd_vllm.format.schema import LayerSpec, decomposed_layer_params, dense_layer_params, expected_layer_tensors
 from moesvd_vllm.format.writer import COPIED, CompressedCheckpointWriter
 from offline import decompose as dec
+from offline import distributed
 from offline.calibration import CalibrationSet, ExpertStatistics, ExpertStatisticsHook, load_calibration
 from offline.checkpoint_io import expert_tensor_names
 from offline.compression_options import CompressionOptions
+from offline.devices import resolve_device
+from offline.distributed import Ranks
 from offline.expert_tensors import LayerExperts
 from offline.heap import release_free_heap
+from offline.journal import Journal, run_fingerprint, sensitivity_from_record, sensitivity_record
 from offline.layerwise import LayerInputs, LayerwiseModel
 from offline.methods import CompressedLayer, LayerWork, TensorSink
 from offline.methods.experts import layer_experts
@@ -73,10 +77,13 @@ class HiddenStream:
     masks: list[torch.Tensor]  # [B, L] bool, True = real token
 
 
-def embed_calibration(model: LayerwiseModel, calib: CalibrationSet, batch_size: int) -> HiddenStream:
-    """The stream at the first decoder layer: embeddings, masks and rotary embeddings per batch."""
+def embed_calibration(model: LayerwiseModel, calib: CalibrationSet, batch_size: int,
+                      ranks: Ranks | None = None) -> HiddenStream:
+    """The stream at the first decoder layer: embeddings, masks and rotary embeddings per batch (this
+    rank's batches: every `ranks.size`-th)."""
     hidden, inputs, masks = [], [], []
-    for ids, mask in calibration_batches(calib, batch_size):
+    for ids, mask in (ranks or Ranks()).my_share(calibration_batches(calib, batch_size)):
+        mask = mask.to(model.device)
         h = model.embed(ids)
         hidden.append(h)
         inputs.append(model.layer_inputs(h, mask))
@@ -97,13 +104,13 @@ def run_layer(model: LayerwiseModel, layer: nn.Module, index: int, stream: Hidde
 
 
 def collect_statistics(model: LayerwiseModel, layer: nn.Module, index: int, stream: HiddenStream,
-                       collect_grams: bool, desc: str, routing_weighted: bool = False
-                       ) -> tuple[ExpertStatistics, list[torch.Tensor]]:
-    """Run the layer with the statistics hook on its routed experts: (statistics, outputs). With
-    `collect_grams` the routed inputs are kept for the per-expert Grams."""
+                       collect_grams: bool, desc: str, routing_weighted: bool = False,
+                       ranks: Ranks | None = None) -> tuple[ExpertStatistics, list[torch.Tensor]]:
+    """Run the layer with the statistics hook on its routed experts: (statistics, outputs), the sums
+    added up over `ranks`. With `collect_grams` the routed inputs are kept for the per-expert Grams."""
     dims = model.dims
     stats = ExpertStatistics(dims.num_experts, dims.hidden, dims.intermediate, collect_grams=collect_grams,
-                             routing_weighted=routing_weighted)
+                             routing_weighted=routing_weighted, device=model.device)
     experts = model.moe_block(layer).experts
     hook = ExpertStatisticsHook(stats, experts)
     # after each batch: the per-expert temporaries of the forward and the hook vary in size
@@ -113,6 +120,7 @@ def collect_statistics(model: LayerwiseModel, layer: nn.Module, index: int, stre
     finally:
         hook.remove()
         trim.remove()
+    stats.sum_over_ranks(ranks or Ranks())
     return stats, outputs
 
 
@@ -125,32 +133,40 @@ class LayerSensitivity:
     outlier_ratio: torch.Tensor  # a_i (Eq. 10)
 
 
-def principal_ranks(experts: LayerExperts, threshold: float) -> torch.Tensor:
-    """r_i per expert: the principal rank averaged over its gate, up and down matrices."""
-    ranks = [sum(dec.principal_rank(w[e], threshold) for w in (experts.gate, experts.up, experts.down)) / 3
-             for e in range(experts.gate.shape[0])]
-    return torch.tensor(ranks, dtype=torch.float64)
+def principal_ranks(experts: LayerExperts, threshold: float, ranks: Ranks | None = None) -> torch.Tensor:
+    """r_i per expert: the principal rank averaged over its gate, up and down matrices (each process
+    measures its share of the experts)."""
+    ranks = ranks or Ranks()
+    out = torch.zeros(experts.gate.shape[0], dtype=torch.float64, device=ranks.device)
+    for e in ranks.my_share(range(experts.gate.shape[0])):
+        out[e] = sum(dec.principal_rank(w[e], threshold) for w in (experts.gate, experts.up, experts.down)) / 3
+    ranks.all_reduce(out)
+    return out.cpu()
 
 
-def sensitivity_pass(model: LayerwiseModel, calib: CalibrationSet, options: CompressionOptions
-                     ) -> dict[int, LayerSensitivity]:
+def sensitivity_pass(model: LayerwiseModel, calib: CalibrationSet, options: CompressionOptions,
+                     ranks: Ranks | None = None) -> dict[int, LayerSensitivity]:
     """f_i, a_i, r_i and S_L for every MoE layer, passing dense outputs on. a_i needs tau * the mean
     |activation| of each expert first, so a MoE layer runs twice: statistics, then outlier counts."""
-    stream = embed_calibration(model, calib, options.batch_size)
+    ranks = ranks or Ranks()
+    stream = embed_calibration(model, calib, options.batch_size, ranks)
     result: dict[int, LayerSensitivity] = {}
     for index in tqdm(range(model.num_layers), desc="sensitivity", disable=None):
         layer = model.build_layer(index)
         if index in model.moe_layers:
-            stats, outputs = collect_statistics(model, layer, index, stream, False, f"layer {index} stats")
+            stats, outputs = collect_statistics(model, layer, index, stream, False, f"layer {index} stats",
+                                                ranks=ranks)
             hook = ExpertStatisticsHook(stats, model.moe_block(layer).experts)
             hook.outlier_threshold = options.outlier_tau * stats.mean_abs_activation
             try:
                 run_layer(model, layer, index, stream, hook, f"layer {index} outliers")
             finally:
                 hook.remove()
-            ranks = principal_ranks(layer_experts(model, layer), options.rank_threshold)
-            freq, outliers = stats.frequency, stats.outlier_ratio()
-            result[index] = LayerSensitivity(layer_sensitivity(freq, ranks, outliers), freq, ranks, outliers)
+            stats.sum_outliers_over_ranks(ranks)
+            principal = principal_ranks(layer_experts(model, layer), options.rank_threshold, ranks)
+            freq, outliers = stats.frequency.cpu(), stats.outlier_ratio().cpu()
+            result[index] = LayerSensitivity(layer_sensitivity(freq, principal, outliers), freq, principal,
+                                             outliers)
             logger.info("layer %d: S_L = %.4g", index, result[index].score)
         else:
             outputs = run_layer(model, layer, index, stream, None, f"layer {index}")
@@ -183,11 +199,14 @@ def make_plan(model: LayerwiseModel, options: CompressionOptions,
 # ------------------------------------------------------------------------------------------ one layer
 def decompose_layer(model: LayerwiseModel, index: int, layer: nn.Module, stats: ExpertStatistics,
                     shape: LayerShape, options: CompressionOptions, sensitivity: float | None,
-                    add: Callable[[str, torch.Tensor], None], write_back: bool = False) -> CompressedLayer:
+                    add: Callable[[str, torch.Tensor], None], write_back: bool = False,
+                    ranks: Ranks | None = None) -> CompressedLayer:
     """Compress the routed experts of the built `layer` (its weights are the dense ones) with the options'
     method, handing each written tensor to `add` as soon as it exists. With `write_back` each expert's
-    weights in `layer` are replaced by what the compressed checkpoint computes, after its Grams."""
-    work = LayerWork(model, index, layer, stats, shape, sensitivity, write_back, TensorSink(add))
+    weights in `layer` are replaced by what the compressed checkpoint computes, after its Grams. Every
+    rank of `ranks` takes part and ends with the same layer; each hands every tensor to its `add`."""
+    work = LayerWork(model, index, layer, stats, shape, sensitivity, write_back, TensorSink(add),
+                     ranks or Ranks())
     result = options.make_method().compress_layer(work)
     expected = expected_layer_tensors(model.model_type, index, result.spec, model.dims, model.expert_dtype())
     if result.written != expected:  # a bug in the method, never a user error: say what and where
@@ -203,86 +222,171 @@ def decompose_layer(model: LayerwiseModel, index: int, layer: nn.Module, stats: 
 
 
 # ------------------------------------------------------------------------------------------ decomposition pass
-def _copy_layer_tensors(model: LayerwiseModel, writer: CompressedCheckpointWriter, index: int,
+def _copy_layer_tensors(model: LayerwiseModel, writer: CompressedCheckpointWriter | None, index: int,
                         replaced: set[str]) -> None:
+    if writer is None:  # not the writing rank
+        return
     for name in model.layer_tensor_names(index):
         if name not in replaced:
             writer.add(name, model.tensors.get(name), stage=COPIED)
 
 
+def _discard(name: str, tensor: torch.Tensor) -> None:
+    """The tensor sink of the ranks that do not write."""
+
+
+def _journal_layer(journal: Journal, writer: CompressedCheckpointWriter | None, ranks: Ranks, index: int,
+                   spec: LayerSpec | None, report: LayerReport | None, hidden: list[torch.Tensor] | None) -> None:
+    """Record layer `index` as finished: every rank's hidden states after it (when a later layer needs
+    them) and the writer's state are on disk before its journal line; older hidden states go after it."""
+    if hidden is not None:
+        journal.save_stream(index, hidden)
+    ranks.barrier()
+    state = writer.commit() if writer is not None else None
+    journal.append({"kind": "layer", "layer": index, "spec": asdict(spec) if spec else None,
+                    "report": asdict(report) if report else None, "writer": state})
+    ranks.barrier()
+    if writer is not None:
+        writer.release()
+    journal.drop_streams_except(index if hidden is not None else None)
+
+
 def decomposition_pass(model: LayerwiseModel, calib: CalibrationSet, options: CompressionOptions, plan: Plan,
-                       sensitivity: dict[int, LayerSensitivity] | None, writer: CompressedCheckpointWriter
+                       sensitivity: dict[int, LayerSensitivity] | None, writer: CompressedCheckpointWriter | None,
+                       ranks: Ranks | None = None, journal: Journal | None = None
                        ) -> tuple[dict[str, LayerSpec], list[LayerReport]]:
-    """Every layer's tensors to `writer`: planned layers compressed by the method, the others copied; the
-    layers after the last planned one are not run."""
-    stream = embed_calibration(model, calib, options.batch_size)
+    """Every layer's tensors to `writer` (None on the ranks that do not write): planned layers compressed
+    by the method, the others copied; the layers after the last planned one are not run. With a `journal`
+    each finished layer is recorded, and the layers it already holds are skipped (a resumed run)."""
+    ranks = ranks or Ranks()
+    stream = embed_calibration(model, calib, options.batch_size, ranks)
     last_needed = max(plan.ranks)
     specs: dict[str, LayerSpec] = {}
     reports: list[LayerReport] = []
+    finished = journal.of_kind("layer") if journal else []
+    for record in finished:
+        if record["spec"] is not None:
+            specs[str(record["layer"])] = LayerSpec(**record["spec"])
+        if record["report"] is not None:
+            reports.append(LayerReport(**record["report"]))
+    start = finished[-1]["layer"] + 1 if finished else 0
+    if finished and start <= last_needed:
+        stream.hidden = journal.load_stream(finished[-1]["layer"], model.device)
+        logger.info("resuming at layer %d (layers 0-%d are journaled)", start, start - 1)
     dense = dense_layer_params(model.dims)
-    for index in tqdm(range(model.num_layers), desc=f"{options.method} decomposition", disable=None):
+    add = writer.add if writer is not None else _discard
+    for index in tqdm(range(start, model.num_layers), desc=f"{options.method} decomposition", disable=None):
         score = sensitivity[index].score if sensitivity and index in sensitivity else None
         measured = sensitivity.get(index) if sensitivity else None
+        spec = report = None
         if index not in plan.ranks:
             _copy_layer_tensors(model, writer, index, set())
             if index <= last_needed:
                 stream.hidden = run_layer(model, model.build_layer(index), index, stream, None, f"layer {index}")
             if index in model.moe_layers:
-                reports.append(layer_report(index, score, measured, None, dense, model.dims))
-            continue
-        release_free_heap()
-        layer = model.build_layer(index)
-        stats, outputs = collect_statistics(model, layer, index, stream, True, f"layer {index} grams",
-                                            options.routing_weighted)
-        write_back = options.propagate == "compressed" and index < last_needed
-        replaced = set(expert_tensor_names(model.tensors, model.model_type, index, model.dims.num_experts))
-        _copy_layer_tensors(model, writer, index, replaced)
-        result = decompose_layer(model, index, layer, stats, plan.shapes[index], options, score, writer.add,
-                                 write_back)
-        del stats  # the routed inputs
-        logger.info("layer %d: rank %d, banks %d, relative errors %s", index, result.spec.rank,
-                    result.spec.num_banks, {k: round(v, 5) for k, v in result.relative_error.items()})
-        specs[str(index)] = result.spec
-        reports.append(layer_report(index, score, measured, result, dense, model.dims))
-        if write_back:  # the layer now computes what the checkpoint computes: pass its outputs on
-            del outputs
-            outputs = run_layer(model, layer, index, stream, None, f"layer {index} compressed")
-        stream.hidden = outputs
-        del layer, result
+                report = layer_report(index, score, measured, None, dense, model.dims)
+        else:
+            release_free_heap()
+            layer = model.build_layer(index)
+            stats, outputs = collect_statistics(model, layer, index, stream, True, f"layer {index} grams",
+                                                options.routing_weighted, ranks)
+            write_back = options.propagate == "compressed" and index < last_needed
+            replaced = set(expert_tensor_names(model.tensors, model.model_type, index, model.dims.num_experts))
+            _copy_layer_tensors(model, writer, index, replaced)
+            result = decompose_layer(model, index, layer, stats, plan.shapes[index], options, score, add,
+                                     write_back, ranks)
+            del stats  # the routed inputs
+            logger.info("layer %d: rank %d, banks %d, relative errors %s", index, result.spec.rank,
+                        result.spec.num_banks, {k: round(v, 5) for k, v in result.relative_error.items()})
+            spec = specs[str(index)] = result.spec
+            report = layer_report(index, score, measured, result, dense, model.dims)
+            if write_back:  # the layer now computes what the checkpoint computes: pass its outputs on
+                del outputs
+                outputs = run_layer(model, layer, index, stream, None, f"layer {index} compressed")
+            stream.hidden = outputs
+            del layer, result
+        if report is not None:
+            reports.append(report)
+        if journal is not None:
+            _journal_layer(journal, writer, ranks, index, spec, report,
+                           stream.hidden if index < last_needed else None)
     return specs, reports
 
 
 # ------------------------------------------------------------------------------------------ compress
 def compress(model_dir: str | os.PathLike, out_dir: str | os.PathLike, options: CompressionOptions) -> Path:
-    """Compress `model_dir` into a new checkpoint at `out_dir` (the stages of the module docstring)."""
+    """Compress `model_dir` into a new checkpoint at `out_dir` (the stages of the module docstring), on
+    `options.device`; under torchrun every process runs this and rank 0 writes (offline/distributed.py)."""
+    device = resolve_device(options.device)
+    ranks, started = distributed.start(device)
+    try:
+        return _compress(Path(model_dir), Path(out_dir), options, ranks)
+    finally:
+        distributed.stop(started)
+
+
+def _compress(model_dir: Path, out_dir: Path, options: CompressionOptions, ranks: Ranks) -> Path:
     torch.manual_seed(options.seed)
     out_dir = check_output_dir(out_dir, options.force)
     clock = StageClock()
-    model = LayerwiseModel(model_dir)
+    model = LayerwiseModel(model_dir, device=ranks.device)
     require_servable(model.model_type, offline_only=not options.method_class.servable)
     with clock.stage("calibration data"):
         calib = load_calibration(options.calib, model_dir, options.num_samples, options.seq_len, options.seed)
     logger.info("calibration: %d x %d tokens from %s (sha256 %s)", calib.info.num_samples,
                 calib.info.seq_len, calib.info.source, calib.info.sha256[:12])
+    header = run_fingerprint(model_dir, options, calib.info, ranks.size, ranks.device)
+    journal = Journal.open(out_dir, header, ranks, resume=options.resume, force=options.force)
+    try:
+        result = _compress_journaled(model, calib, out_dir, options, ranks, journal, clock)
+    except (KeyboardInterrupt, SystemExit):
+        if not journal.has_layers:
+            journal.remove()
+        else:
+            logger.warning("interrupted: %d layers are journaled in %s; `--resume` continues",
+                           len(journal.of_kind("layer")), journal.directory)
+        raise
+    except BaseException:
+        journal.remove()  # an error would repeat on resume: nothing is kept
+        raise
+    ranks.barrier()
+    journal.remove()
+    return result
+
+
+def _compress_journaled(model: LayerwiseModel, calib: CalibrationSet, out_dir: Path, options: CompressionOptions,
+                        ranks: Ranks, journal: Journal, clock: StageClock) -> Path:
     sensitivity = None
     if options.effective_selection == "sensitivity":
-        with clock.stage("sensitivity pass"):
-            sensitivity = sensitivity_pass(model, calib, options)
+        recorded = journal.of_kind("sensitivity")
+        if recorded:
+            sensitivity = sensitivity_from_record(recorded[0], LayerSensitivity)
+        else:
+            with clock.stage("sensitivity pass"):
+                sensitivity = sensitivity_pass(model, calib, options, ranks)
+            journal.append(sensitivity_record(sensitivity))
     with clock.stage("plan"):
         plan = make_plan(model, options, sensitivity)
     logger.info("plan: decompose layers %s at (rank, neurons) %s -> ratio %.4f (target %.4f)",
                 list(plan.shapes), [(x.rank, x.intermediate) for x in plan.shapes.values()], plan.ratio,
                 options.ratio)
+    resumed_at = len(journal.of_kind("layer")) if options.resume else None  # layers are journaled in order
+    if not ranks.is_writer:
+        decomposition_pass(model, calib, options, plan, sensitivity, None, ranks, journal)
+        return out_dir
     with CompressedCheckpointWriter(model.raw_config, out_dir, replace=options.force,
-                                    max_shard_bytes=options.max_shard_bytes) as writer:
+                                    max_shard_bytes=options.max_shard_bytes,
+                                    partial=resumable_partial_dir(out_dir), resume_from=journal.writer_state(),
+                                    keep_on_interrupt=lambda: journal.has_layers) as writer:
         with clock.stage("decomposition pass"), writer.stage(f"the {options.method} decomposition"):
-            specs, reports = decomposition_pass(model, calib, options, plan, sensitivity, writer)
+            specs, reports = decomposition_pass(model, calib, options, plan, sensitivity, writer, ranks, journal)
         with clock.stage("write"):
             for name in model.non_layer_tensor_names():
                 writer.add(name, model.tensors.get(name), stage=COPIED)
             block = writer.finish(method=options.method, layers=specs, options=options.recorded(),
                                   calibration=calib.info, side_files_from=model.model_dir)
         summary = compression_summary(model, options, plan, block, calib.info)
+        summary.update(world_size=ranks.size, device=ranks.device.type, resumed_at_layer=resumed_at)
         write_reports(writer.directory, summary, reports, clock.stages)
     logger.info("wrote %s: ratio %.4f, decomposed layers %s", out_dir, block.params.ratio,
                 block.decomposed_layers)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from offline.decompose import whitened_error
+from offline.distributed import Ranks
 
 
 @dataclass
@@ -69,7 +70,7 @@ def _one_thread():
 
 def _greedy_removals(moment: torch.Tensor, inverse: torch.Tensor, removals: int) -> torch.Tensor:
     size = moment.shape[0]
-    alive = torch.ones(size, dtype=torch.bool)
+    alive = torch.ones(size, dtype=torch.bool, device=moment.device)
     tiny = torch.finfo(torch.float64).tiny
     for _ in range(removals):
         cost = torch.diagonal(moment) / torch.diagonal(inverse).clamp(min=tiny)
@@ -107,30 +108,52 @@ class LayerSlimming:
 
 
 def slim_experts_in_place(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, mid_gram, keep: int,
-                          after_expert=None) -> LayerSlimming:
+                          after_expert=None, ranks: Ranks | None = None) -> LayerSlimming:
     """Select `keep` neurons of every expert of a layer and rewrite the weights in place: the dropped rows
     of gate [E, I, H] / up and columns of down [E, H, I] become zero and down gets its compensation, so the
     layer computes what the slimmed checkpoint computes (and the later stages fit the slimmed weights).
 
     `mid_gram(e)` returns expert e's regularised intermediate Gram computed from its current weights; it is
     called for expert e before e is rewritten (each expert's Gram depends only on its own weights).
-    `after_expert(e)`, when given, runs after each expert (the compressor returns freed heap to the OS)."""
+    `after_expert(e)`, when given, runs after each expert (the compressor returns freed heap to the OS).
+
+    With `ranks` of several processes the experts are selected in rounds (offline/distributed.py):
+    `mid_gram(e, owner)` gives the Gram on rank `owner` only (None elsewhere), the owner selects, and every
+    rank applies each expert's selection in expert order."""
+    ranks = ranks or Ranks(device=down.device)
     kept_all: list[torch.Tensor] = []
     num = den = 0.0
-    for e in range(down.shape[0]):
-        gram = mid_gram(e)
-        slim = slim_expert(down[e], gram, keep)
-        new_down = torch.zeros(down.shape[1], down.shape[2], dtype=torch.float64)
-        new_down[:, slim.kept] = slim.down
-        error, energy = whitened_error(down[e], new_down, gram)
-        num, den = num + error, den + energy
-        dropped = torch.ones(down.shape[2], dtype=torch.bool)
-        dropped[slim.kept] = False
-        with torch.no_grad():
-            gate[e][dropped] = 0
-            up[e][dropped] = 0
-            down[e].copy_(new_down.to(down.dtype))
-        kept_all.append(slim.kept)
-        if after_expert is not None:
-            after_expert(e)
+    for round_ in ranks.rounds(range(down.shape[0])):
+        selected = {}  # this rank's expert of the round
+        for owner, e in round_:
+            gram = mid_gram(e, owner) if ranks.distributed else mid_gram(e)
+            if gram is not None:
+                selected[e] = _slim_one(down[e], gram, keep)
+        for owner, e in round_:
+            result = ranks.share(selected.pop(e, None), owner)
+            _apply_slimming(gate[e], up[e], down[e], result["kept"], result["down"])
+            num, den = num + result["error"], den + result["energy"]
+            kept_all.append(result["kept"])
+            if after_expert is not None:
+                after_expert(e)
     return LayerSlimming(kept_all, num / den if den > 0 else 0.0)
+
+
+def _slim_one(down: torch.Tensor, gram: torch.Tensor, keep: int) -> dict:
+    """One expert's selection: kept neurons, its new down [H, I] (dropped columns zero, in down's dtype) and
+    the whitened error terms."""
+    slim = slim_expert(down, gram, keep)
+    new_down = torch.zeros(down.shape[0], down.shape[1], dtype=torch.float64, device=down.device)
+    new_down[:, slim.kept] = slim.down
+    error, energy = whitened_error(down, new_down, gram)
+    return {"kept": slim.kept, "down": new_down.to(down.dtype), "error": error, "energy": energy}
+
+
+def _apply_slimming(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, kept: torch.Tensor,
+                    new_down: torch.Tensor) -> None:
+    dropped = torch.ones(down.shape[1], dtype=torch.bool, device=down.device)
+    dropped[kept] = False
+    with torch.no_grad():
+        gate[dropped] = 0
+        up[dropped] = 0
+        down.copy_(new_down)

@@ -231,6 +231,7 @@ class ShardedSafetensorsWriter:
         self._names: set[str] = set()
         self._written: list[tuple[Path, list[str]]] = []
         self._total_bytes = 0
+        self._flushed_spills: list[Path] = []  # kept until `commit` (a resumed run may need them)
 
     def add(self, name: str, tensor: "torch.Tensor") -> None:
         if name in self._names:
@@ -263,12 +264,73 @@ class ShardedSafetensorsWriter:
             shard.write(header)
             for entry in entries:
                 self._copy_spilled(entry, shard)
+            shard.flush()
+            os.fsync(shard.fileno())
         if self._spill is not None:
             self._spill.close()
-            self._spill_path().unlink()
+            self._flushed_spills.append(self._spill_path())
             self._spill = None
         self._written.append((path, [t.name for t in self._pending]))
         self._pending, self._pending_bytes = [], 0
+        if not self._keep_spills:
+            self._remove_flushed_spills()
+
+    _keep_spills = False  # set by `commit`: spills then wait for the next commit
+
+    def _remove_flushed_spills(self) -> None:
+        for path in self._flushed_spills:
+            path.unlink(missing_ok=True)
+        self._flushed_spills = []
+
+    # ----------------------------------------------------------------------------------- resuming
+    def commit(self) -> dict[str, Any]:
+        """The writer's state now, durable on disk, as a JSON-able record (`restore` returns to it after a
+        kill). The spill files flushed since the last commit are removed only at the next commit (after the
+        caller has recorded this state): until then a resumed run can return to the previous state."""
+        self._keep_spills = True
+        if self._spill is not None:
+            self._spill.flush()
+            os.fsync(self._spill.fileno())
+        state = {"written": [[p.name, len(names)] for p, names in self._written],
+                 "pending": [list(t[:3]) + [t.offset, t.size] for t in self._pending],
+                 "spill_bytes": self._spill.tell() if self._spill is not None else 0,
+                 "total_bytes": self._total_bytes}
+        return state
+
+    def release_flushed(self) -> None:
+        """The last `commit`'s state is recorded: the spill files only earlier states needed go."""
+        self._remove_flushed_spills()
+
+    def restore(self, state: dict[str, Any], names_in_order: Sequence[str]) -> None:
+        """Return a fresh writer on the same directory to a state from `commit` (`names_in_order`: every
+        tensor added up to it, in order): shards and spills written after it are removed, the open spill is
+        cut back to the state's bytes."""
+        self._keep_spills = True
+        self._written, start = [], 0
+        for name, count in state["written"]:
+            self._written.append((self.out_dir / name, list(names_in_order[start:start + count])))
+            start += count
+        self._pending = [_Spilled(n, d, tuple(shape), offset, size) for n, d, shape, offset, size in state["pending"]]
+        self._pending_bytes = sum(t.size for t in self._pending)
+        self._total_bytes = int(state["total_bytes"])
+        self._names = {n for _, names in self._written for n in names} | {t.name for t in self._pending}
+        count = len(self._written)
+        for path in self.out_dir.glob("shard-*.tmp"):
+            if int(path.name.split("-")[1].split(".")[0]) >= count:
+                path.unlink()
+        for path in self.out_dir.glob("shard-*.spill.tmp"):
+            if int(path.name.split("-")[1].split(".")[0]) != count:
+                path.unlink()
+        spill = self._spill_path()
+        if self._pending:
+            if not spill.exists() or spill.stat().st_size < state["spill_bytes"]:
+                raise CheckpointError(f"{spill}: the partial output is damaged (spill file shorter than its "
+                                      "journal says); start over with --force")
+            self._spill = open(spill, "r+b")
+            self._spill.truncate(state["spill_bytes"])
+            self._spill.seek(state["spill_bytes"])
+        else:
+            spill.unlink(missing_ok=True)
 
     def _copy_spilled(self, entry: _Spilled, shard) -> None:
         self._spill.seek(entry.offset)
@@ -293,6 +355,7 @@ class ShardedSafetensorsWriter:
         index = {"metadata": {"total_size": self._total_bytes},
                  "weight_map": dict(sorted(weight_map.items()))}
         (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        self._remove_flushed_spills()
         return final_paths
 
 
@@ -336,14 +399,28 @@ def _usual_permissions(directory: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def resumable_partial_dir(out_dir: str | os.PathLike) -> Path:
+    """The hidden partial directory of a resumable write to `out_dir` (one fixed name, found again)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}{PARTIAL_SUFFIX}"
+
+
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+def atomic_directory(out_dir: str | os.PathLike, *, replace: bool = False, partial: Path | None = None,
+                     keep_on_interrupt: Callable[[], bool] | None = None) -> Iterator[Path]:
     """Yield a hidden partial directory next to `out_dir`; it becomes `out_dir` only if the block succeeds.
     An existing `out_dir` is refused unless `replace`, and then replaced only at the very end (it survives
-    a failed run). After a SIGKILL `.NAME.<random>.partial` stays, which never looks like a checkpoint."""
+    a failed run). After a SIGKILL `.NAME.<random>.partial` stays, which never looks like a checkpoint.
+
+    `partial`: use this directory (created if missing, e.g. `resumable_partial_dir`) instead of a random one.
+    `keep_on_interrupt`: on SIGTERM / Ctrl-C the partial directory stays when it returns True (a journaled
+    run that `--resume` can continue); errors always remove it."""
     out_dir = check_output_dir(out_dir, replace)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=PARTIAL_SUFFIX, dir=out_dir.parent))
+    if partial is None:
+        partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=PARTIAL_SUFFIX, dir=out_dir.parent))
+    else:
+        partial.mkdir(mode=0o700, exist_ok=True)
     try:
         with _sigterm_as_exception():
             yield partial
@@ -355,8 +432,12 @@ def atomic_directory(out_dir: str | os.PathLike, *, replace: bool = False) -> It
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 partial.rename(out_dir)
+    except (KeyboardInterrupt, SystemExit):
+        if keep_on_interrupt is not None and keep_on_interrupt():
+            partial = None  # left for --resume
+        raise
     finally:
-        if partial.exists():
+        if partial is not None and partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
 
 

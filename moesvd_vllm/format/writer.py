@@ -27,7 +27,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from moesvd_vllm.architectures import PLUGIN_ARCHITECTURES, moe_dims, moe_layer_indices
 from moesvd_vllm.errors import ArchitectureError, CheckpointError, NonFiniteTensorError
@@ -129,7 +129,11 @@ class CompressedCheckpointWriter:
     """Writes one compressed checkpoint of the dense checkpoint whose config.json is `source_config`."""
 
     def __init__(self, source_config: Mapping[str, Any], out_dir: str | os.PathLike, *, replace: bool = False,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, partial: Path | None = None,
+                 resume_from: Mapping[str, Any] | None = None,
+                 keep_on_interrupt: Callable[[], bool] | None = None):
+        """`partial`, `keep_on_interrupt`: see `atomic_directory`; `resume_from`: a state from `commit`,
+        written earlier into `partial` by a killed run, to continue from."""
         if CONFIG_KEY in source_config:
             raise CheckpointError(f"the input is already a compressed checkpoint (config.json has "
                                   f"`{CONFIG_KEY}`); compress a dense one")
@@ -144,12 +148,32 @@ class CompressedCheckpointWriter:
         self._atomic = None
         self._shards: ShardedSafetensorsWriter | None = None
         self._finished = False
+        self._partial, self._resume_from, self._keep = partial, resume_from, keep_on_interrupt
+        self._committed = 0  # tensors of `written` recorded by earlier commits
 
     def __enter__(self) -> "CompressedCheckpointWriter":
-        self._atomic = atomic_directory(self.out_dir, replace=self.replace)
+        self._atomic = atomic_directory(self.out_dir, replace=self.replace, partial=self._partial,
+                                        keep_on_interrupt=self._keep)
         self.directory = self._atomic.__enter__()
         self._shards = ShardedSafetensorsWriter(self.directory, max_shard_bytes=self.max_shard_bytes)
+        if self._resume_from is not None:
+            self.written = {name: (tuple(shape), dtype) for name, shape, dtype in self._resume_from["added"]}
+            self._shards.restore(self._resume_from["shards"], list(self.written))
+            self._committed = len(self.written)
         return self
+
+    def commit(self) -> dict[str, Any]:
+        """Everything added so far, durable, as a JSON-able state (see `release`): the shards' state and the
+        tensors added since the previous commit; `resume_from` takes the last state's "shards" with all
+        commits' "added" lists joined."""
+        added = list(self.written.items())[self._committed:]
+        self._committed = len(self.written)
+        return {"shards": self._shards.commit(),
+                "added": [[name, list(shape), dtype] for name, (shape, dtype) in added]}
+
+    def release(self) -> None:
+        """The last `commit`'s state is recorded by the caller: files only earlier states needed go."""
+        self._shards.release_flushed()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None and not self._finished:

@@ -19,7 +19,7 @@ Class attributes give the method's checkpoint form and the defaults of the optio
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -29,6 +29,7 @@ from moesvd_vllm.architectures import MoEDims, MoELayout, moe_layout
 from moesvd_vllm.format.safetensors_io import dtype_name, torch_dtype
 from moesvd_vllm.format.schema import LayerSpec
 from offline.calibration import ExpertStatistics
+from offline.distributed import Ranks
 from offline.sensitivity import LayerShape
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class LayerWork:
     sensitivity: float | None  # S_L (Eq. 4), recorded in the layer's spec; None without a sensitivity pass
     write_back: bool  # rewrite the in-memory experts to what the checkpoint computes
     emit: TensorSink
+    ranks: Ranks = field(default_factory=Ranks)  # the processes sharing the work (offline/distributed.py)
 
     @property
     def dims(self) -> MoEDims:

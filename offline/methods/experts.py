@@ -9,6 +9,7 @@ import torch
 
 from offline import decompose as dec
 from offline.calibration import ExpertStatistics
+from offline.distributed import Ranks
 from offline.expert_tensors import LayerExperts
 
 if TYPE_CHECKING:
@@ -30,24 +31,31 @@ def layer_experts(model: LayerwiseModel, layer: nn.Module) -> LayerExperts:
 
 class ExpertGrams:
     """Per-expert Grams formed at the point of use, each with a small prior from the layer-wide average
-    (`prior_tokens` tokens of it) and `damp` * mean(diag) on the diagonal; one expert's at a time."""
+    (`prior_tokens` tokens of it) and `damp` * mean(diag) on the diagonal; one expert's at a time.
 
-    def __init__(self, stats: ExpertStatistics, options: CompressionOptions):
+    Across ranks (offline/distributed.py) each rank forms its calibration windows' share and the shares are
+    summed before the regularisation: on every rank (`owner` None) or on the rank `owner` only (the others
+    get None), for the expert-parallel stages."""
+
+    def __init__(self, stats: ExpertStatistics, options: CompressionOptions, ranks: Ranks | None = None):
         self.stats, self.options = stats, options
+        self.ranks = ranks or Ranks(device=stats.device)
         self.in_prior = stats.gram_layer / max(stats.total_tokens, 1)
         self.mid_prior = stats.gram_mid_sum / max(int(stats.routed_tokens.sum()), 1)
 
     def _regularized(self, gram: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         return dec.regularized_gram(gram, prior, self.options.prior_tokens, self.options.damp, in_place=True)
 
-    def input(self, expert: int) -> torch.Tensor:
+    def input(self, expert: int, owner: int | None = None) -> torch.Tensor | None:
         """X_e^T X_e [H, H] of the expert's routed inputs, regularised."""
-        return self._regularized(self.stats.input_gram(expert), self.in_prior)
+        total = self.ranks.reduce(self.stats.input_gram(expert), owner)
+        return None if total is None else self._regularized(total, self.in_prior)
 
-    def mid(self, expert: int) -> torch.Tensor:
+    def mid(self, expert: int, owner: int | None = None) -> torch.Tensor | None:
         """Y_e^T Y_e [I, I] of the expert's intermediate activations (the down projection's input),
         regularised; computed from the layer's current expert weights."""
-        return self._regularized(self.stats.mid_gram(expert), self.mid_prior)
+        total = self.ranks.reduce(self.stats.mid_gram(expert), owner)
+        return None if total is None else self._regularized(total, self.mid_prior)
 
 
 class ErrorSums:

@@ -34,7 +34,7 @@ class PerExpertSVD(CompressionMethod):
     def compress_layer(self, work: LayerWork) -> CompressedLayer:
         num_experts, where, rank = work.dims.num_experts, f"layer {work.index}", work.shape.rank
         experts = layer_experts(work.model, work.layer)
-        grams = ExpertGrams(work.stats, self.options)
+        grams = ExpertGrams(work.stats, self.options, work.ranks)  # summed on every rank: the fits repeat there
         layout, prefix, model_dtype = work.layout, work.prefix, work.model_dtype
         errors = ErrorSums()
         for e in range(num_experts):

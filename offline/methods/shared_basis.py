@@ -65,6 +65,9 @@ def _error_parts(fit: dec.InputFit, down_weight: torch.Tensor, mid_gram: torch.T
             "down": dec.whitened_error(down_weight, down, mid_gram)}
 
 
+_PROJECTIONS = ("gate", "up", "down")
+
+
 def num_banks(num_experts: int, keep: int | None, group_size: int) -> int:
     """Banks left by U-trimming `keep` experts per group of `group_size` (all experts without trimming)."""
     if keep is None:
@@ -92,11 +95,14 @@ class SharedBasisMethod(CompressionMethod):
         return num_banks(dims.num_experts, self.options.effective_trim_keep, self.options.trim_group_size)
 
     def compress_layer(self, work: LayerWork) -> CompressedLayer:
-        """The steps of the module docstring for one layer."""
-        options, stats, shape, emit = self.options, work.stats, work.shape, work.emit
+        """The steps of the module docstring for one layer. Step 3 runs in rounds of U-trimming groups
+        (one expert each without trimming), one group per rank and round (offline/distributed.py): every
+        rank adds its share of the group's Grams on the group's owner, the owner fits the group, and the
+        results are shared and applied (emitted, written back) by every rank in group order."""
+        options, stats, shape, ranks = self.options, work.stats, work.shape, work.ranks
         num_experts, inter = work.dims.num_experts, work.dims.intermediate
         experts = layer_experts(work.model, work.layer)
-        grams = ExpertGrams(stats, options)
+        grams = ExpertGrams(stats, options, ranks)
         neurons, slimming_error = self._select_neurons(work, experts, grams)
         basis_dtype_name = options.basis_dtype_for(work.model_dtype)
         basis_in, basis_out = self._stored_bases(work, experts, grams, torch_dtype(basis_dtype_name))
@@ -104,26 +110,28 @@ class SharedBasisMethod(CompressionMethod):
         bank_of = {e: bank for bank, e in enumerate(sorted(e for kept in kept_by_group for e in kept))}
         source = list(range(num_experts))  # the expert whose factors serve each expert
         errors = ErrorSums()
-        for group, kept in zip(groups, kept_by_group):
-            factors: dict[int, _BankFactors] = {}  # the group's kept experts
-            for e in kept + [e for e in group if e not in kept]:  # kept experts first
-                release_heap_every_few_experts(e)
-                own, fit, mid_gram = self._fit_expert(work, experts, grams, e, basis_in, basis_out)
-                candidates = {e: own} if e in kept else {k: factors[k] for k in kept}
-                parts = {k: _error_parts(fit, experts.down[e], mid_gram, f, basis_out, inter)
-                         for k, f in candidates.items()}
-                # U-trimming (Eq. 7-8): the kept expert that reproduces e best (whitened distance)
-                source[e] = min(parts, key=lambda k: (sum(num for num, _ in parts[k].values()), k))
-                errors.add(parts[source[e]])
-                if e in kept:
-                    factors[e] = own
-                    self._emit_bank(work, bank_of[e], own, neurons[e])
-                if work.write_back:
-                    chosen = factors[source[e]]
-                    write_expert(work.model, work.layer, e,
-                                 reconstruct(chosen.gate_up, basis_in, experts.gate.dtype),
-                                 reconstruct(chosen.down, basis_out, experts.gate.dtype, basis_first=True))
-                del fit, mid_gram
+        for round_ in ranks.rounds(list(zip(groups, kept_by_group))):
+            fitted: dict[int, dict] = {}  # this rank's group of the round: expert -> its fit's outcome
+            for owner, (group, kept) in round_:
+                order = kept + [e for e in group if e not in kept]  # kept experts first
+                received = {e: (grams.input(e, owner), grams.mid(e, owner)) for e in order}
+                if owner == ranks.rank:
+                    fitted = self._fit_group(work, experts, order, kept, received, basis_in, basis_out)
+                del received
+            for owner, (group, kept) in round_:
+                factors: dict[int, _BankFactors] = {}  # the group's kept experts
+                for e in kept + [e for e in group if e not in kept]:
+                    outcome = ranks.share(fitted.pop(e, None), owner)
+                    source[e] = outcome["source"]
+                    errors.add({name: tuple(pair) for name, pair in zip(_PROJECTIONS, outcome["parts"].tolist())})
+                    if e in kept:
+                        factors[e] = _BankFactors(outcome["gate_up"], outcome["down"])
+                        self._emit_bank(work, bank_of[e], factors[e], neurons[e])
+                    if work.write_back:
+                        chosen = factors[source[e]]
+                        write_expert(work.model, work.layer, e,
+                                     reconstruct(chosen.gate_up, basis_in, experts.gate.dtype),
+                                     reconstruct(chosen.down, basis_out, experts.gate.dtype, basis_first=True))
         bank_map = [bank_of[source[e]] for e in range(num_experts)]
         spec = LayerSpec(form=self.form, rank=shape.rank, num_experts=num_experts, bank_map=bank_map,
                          basis_dtype=basis_dtype_name, sensitivity=work.sensitivity,
@@ -132,7 +140,32 @@ class SharedBasisMethod(CompressionMethod):
         relative = errors.relative()
         if slimming_error is not None:
             relative["slimming"] = slimming_error
-        return CompressedLayer(spec, emit.written, relative)
+        return CompressedLayer(spec, work.emit.written, relative)
+
+    def _fit_group(self, work: LayerWork, experts: LayerExperts, order: list[int], kept: list[int],
+                   received: dict[int, tuple[torch.Tensor, torch.Tensor]], basis_in: torch.Tensor | None,
+                   basis_out: torch.Tensor | None) -> dict[int, dict]:
+        """Step 3 (and 4) for one group on its owner: per expert the expert whose factors serve it, the
+        error terms of that choice and, for a kept expert, its factors."""
+        inter = work.dims.intermediate
+        factors: dict[int, _BankFactors] = {}
+        outcome: dict[int, dict] = {}
+        for e in order:
+            release_heap_every_few_experts(e)
+            gram_in, mid_gram = received[e]
+            own, fit = self._fit_expert(work, experts, gram_in, e, basis_in, basis_out)
+            candidates = {e: own} if e in kept else {k: factors[k] for k in kept}
+            parts = {k: _error_parts(fit, experts.down[e], mid_gram, f, basis_out, inter)
+                     for k, f in candidates.items()}
+            # U-trimming (Eq. 7-8): the kept expert that reproduces e best (whitened distance)
+            chosen = min(parts, key=lambda k: (sum(num for num, _ in parts[k].values()), k))
+            outcome[e] = {"source": chosen, "parts": torch.tensor([parts[chosen][n] for n in _PROJECTIONS],
+                                                                   dtype=torch.float64, device=gram_in.device)}
+            if e in kept:
+                factors[e] = own
+                outcome[e].update(gate_up=own.gate_up, down=own.down)
+            del fit, mid_gram
+        return outcome
 
     def _select_neurons(self, work: LayerWork, experts: LayerExperts, grams: ExpertGrams
                         ) -> tuple[list[torch.Tensor], float | None]:
@@ -140,9 +173,9 @@ class SharedBasisMethod(CompressionMethod):
         than I neurons; the layer's experts are rewritten in place and the later steps fit those."""
         inter, keep = work.dims.intermediate, work.shape.intermediate
         if keep >= inter:
-            return [torch.arange(inter)] * work.dims.num_experts, None
+            return [torch.arange(inter, device=experts.down.device)] * work.dims.num_experts, None
         slimming = slim_experts_in_place(experts.gate, experts.up, experts.down, grams.mid, keep,
-                                         after_expert=release_heap_every_few_experts)
+                                         after_expert=release_heap_every_few_experts, ranks=work.ranks)
         logger.info("layer %d: kept %d of %d neurons per expert, relative down error %.4g",
                     work.index, keep, inter, slimming.error)
         return slimming.kept, slimming.error
@@ -173,17 +206,14 @@ class SharedBasisMethod(CompressionMethod):
         return groups, [dec.kept_in_group(work.stats.frequency, g, keep) for g in groups]
 
     @staticmethod
-    def _fit_expert(work: LayerWork, experts: LayerExperts, grams: ExpertGrams, e: int,
+    def _fit_expert(work: LayerWork, experts: LayerExperts, gram_in: torch.Tensor, e: int,
                     basis_in: torch.Tensor | None, basis_out: torch.Tensor | None
-                    ) -> tuple[_BankFactors, dec.InputFit, torch.Tensor]:
-        """Step 3 for expert e: its own factors (model dtype), the input fit (for the error terms) and its
-        intermediate Gram."""
+                    ) -> tuple[_BankFactors, dec.InputFit]:
+        """Step 3 for expert e: its own factors (model dtype) and the input fit (for the error terms)."""
         gate_up = torch.cat([experts.gate[e], experts.up[e]])
-        fit = (dec.identity_fit(gate_up, grams.input(e)) if basis_in is None
-               else dec.fit_input(gate_up, basis_in, grams.input(e)))
-        mid_gram = grams.mid(e)
+        fit = dec.identity_fit(gate_up, gram_in) if basis_in is None else dec.fit_input(gate_up, basis_in, gram_in)
         down = experts.down[e] if basis_out is None else dec.fit_output_factor(experts.down[e], basis_out)
-        return _BankFactors(fit.factor.to(work.model_dtype), down.to(work.model_dtype)), fit, mid_gram
+        return _BankFactors(fit.factor.to(work.model_dtype), down.to(work.model_dtype)), fit
 
     @staticmethod
     def _emit_bank(work: LayerWork, bank: int, factors: _BankFactors, rows: torch.Tensor) -> None:

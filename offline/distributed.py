@@ -1,0 +1,164 @@
+"""The compressor across processes and machines, on torch.distributed (no RPC of our own).
+
+`moesvd compress` under torchrun (`torchrun --nproc-per-node N moesvd compress ...`) runs one rank per
+process: gloo on the CPU, NCCL on GPUs. The work is split two ways:
+
+* calibration windows: rank r runs the batches r, r + N, r + 2N, ... through every layer; the statistics
+  (routing counts, activation sums, the layer-wide Grams) are summed over ranks (`all_reduce`);
+* experts: the per-expert stages (neuron selection, the fits) visit the experts (or U-trimming groups) in
+  rounds of N; in a round every rank adds its windows' share of each item's Grams, summed on the item's
+  owner (`reduce`), each owner fits its own item, then the results are broadcast from their owners
+  (`share`) and applied by every rank in item order, so every rank holds the same compressed layer.
+
+Rank 0 is the one writer. One process (no torchrun) is `Ranks()`: every collective is a no-op and the
+pipeline runs exactly as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from moesvd_vllm.errors import MoESVDError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class DistributedError(MoESVDError):
+    """torch.distributed could not be set up for the compression."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the compression's processes (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    # ----------------------------------------------------------------------------------- splitting
+    def my_share(self, items: Sequence[T]) -> list[T]:
+        """This rank's items of `items` (every `size`-th, starting at `rank`)."""
+        return list(items[self.rank::self.size])
+
+    def owner(self, position: int) -> int:
+        return position % self.size
+
+    def rounds(self, items: Sequence[T]) -> Iterator[list[tuple[int, T]]]:
+        """`items` in rounds of `size`: [(owner, item), ...], item j of a round owned by rank j."""
+        for start in range(0, len(items), self.size):
+            yield [(self.owner(start + j), item) for j, item in enumerate(items[start:start + self.size])]
+
+    # ----------------------------------------------------------------------------------- collectives
+    def all_reduce(self, *tensors: torch.Tensor) -> None:
+        """Sum each tensor over ranks, in place (every rank gets the same values)."""
+        if self.distributed:
+            for tensor in tensors:
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def all_reduce_int(self, value: int) -> int:
+        if not self.distributed:
+            return value
+        total = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(total)
+        return int(total.item())
+
+    def reduce(self, tensor: torch.Tensor, owner: int | None) -> torch.Tensor | None:
+        """The sum over ranks of `tensor` on `owner` (None on the other ranks); `owner` None: on every rank."""
+        if owner is None:
+            self.all_reduce(tensor)
+            return tensor
+        if self.distributed:
+            dist.reduce(tensor, dst=owner, op=dist.ReduceOp.SUM)
+        return tensor if owner == self.rank else None
+
+    def share(self, result: dict[str, Any] | None, owner: int) -> dict[str, Any]:
+        """`result` (tensors and plain values) of rank `owner`, on every rank: the layout first, as one
+        object, then each tensor by its own broadcast on the device (NCCL moves GPU tensors directly)."""
+        if not self.distributed:
+            assert result is not None
+            return result
+        layout = [None]
+        if self.rank == owner:
+            layout = [{k: (("tensor", tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else ("value", v))
+                       for k, v in result.items()}]
+        dist.broadcast_object_list(layout, src=owner, device=self._object_device())
+        shared: dict[str, Any] = {}
+        for key, (kind, *rest) in layout[0].items():
+            if kind == "value":
+                shared[key] = rest[0]
+                continue
+            shape, dtype = rest
+            tensor = (result[key].to(self.device).contiguous() if self.rank == owner
+                      else torch.empty(shape, dtype=dtype, device=self.device))
+            dist.broadcast(tensor, src=owner)
+            shared[key] = tensor
+        return shared
+
+    def broadcast_object(self, value: Any, src: int = 0) -> Any:
+        if not self.distributed:
+            return value
+        box = [value if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src, device=self._object_device())
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            if self.device.type == "cuda":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+
+    def _object_device(self) -> torch.device | None:
+        return self.device if self.device.type == "cuda" else None
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start(device: torch.device) -> tuple[Ranks, bool]:
+    """This process's `Ranks` (and whether this call started the process group): under torchrun
+    (WORLD_SIZE > 1) the default group is started with NCCL on CUDA devices, gloo on the CPU."""
+    if not launched_by_torchrun():
+        return Ranks(device=device), False
+    started = False
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl" and not dist.is_nccl_available():
+            raise DistributedError("this torch has no NCCL: run the GPUs' compression with a CUDA build of "
+                                   "torch, or on the CPU with --device cpu (gloo)")
+        try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+                dist.init_process_group(backend, device_id=device)
+            else:
+                dist.init_process_group(backend)
+        except (RuntimeError, ValueError) as exc:
+            raise DistributedError(f"could not start torch.distributed ({backend}): {exc}; check torchrun's "
+                                   "--nnodes/--node-rank/--master-addr/--master-port") from exc
+        started = True
+    ranks = Ranks(rank=dist.get_rank(), size=dist.get_world_size(), device=device)
+    logger.info("rank %d of %d on %s (%s)", ranks.rank, ranks.size, device, dist.get_backend())
+    return ranks, started
+
+
+def stop(started: bool) -> None:
+    if started and dist.is_initialized():
+        dist.destroy_process_group()
