@@ -150,18 +150,27 @@ def load_calibration(source: str | os.PathLike, model_dir: str | os.PathLike, nu
 GRAM_CHUNK_ROWS = 4096  # rows per float32 Gram GEMM; the partial Grams are summed in float64
 
 
-def gram(rows: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def gram(rows: torch.Tensor, scale: torch.Tensor | None = None, segments: list[int] | None = None
+         ) -> torch.Tensor:
     """X^T diag(scale^2) X in float64 [H, H] for X = `rows` [T, H].
 
     float32 GEMMs over chunks of `GRAM_CHUNK_ROWS` rows, accumulated in float64: about 2x the speed of a
     float64 GEMM, relative difference to it ~1e-7 on bf16/float32 inputs, three orders below the damping
-    (`damp` 1e-4 of the mean diagonal) that regularises every Gram before it is factored."""
+    (`damp` 1e-4 of the mean diagonal) that regularises every Gram before it is factored.
+
+    `segments` (row counts summing to T, the rows of each calibration batch): no chunk spans two, so the
+    float32 partials are the same however the batches are spread over processes (offline/distributed.py);
+    only the float64 sum's order changes (~1e-16)."""
     out = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
-    for start in range(0, rows.shape[0], GRAM_CHUNK_ROWS):
-        x = rows[start:start + GRAM_CHUNK_ROWS].float()
-        if scale is not None:
-            x = x * scale[start:start + GRAM_CHUNK_ROWS, None].float()
-        out += (x.T @ x).double()
+    first = 0
+    for count in (segments if segments is not None else [rows.shape[0]]):
+        for start in range(first, first + count, GRAM_CHUNK_ROWS):
+            end = min(start + GRAM_CHUNK_ROWS, first + count)
+            x = rows[start:end].float()
+            if scale is not None:
+                x = x * scale[start:end, None].float()
+            out += (x.T @ x).double()
+        first += count
     return out
 
 
@@ -175,9 +184,11 @@ class RoutedInputs:
     hidden: list[torch.Tensor] = field(default_factory=list)  # per batch [T_b, H], compute dtype
     top_k_index: list[torch.Tensor] = field(default_factory=list)  # per batch [T_b, k]
     top_k_weights: list[torch.Tensor] = field(default_factory=list)  # per batch [T_b, k]
+    batch_tokens: list[int] = field(default_factory=list)  # T_b of each batch, in order
     _order: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def append(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        self.batch_tokens.append(hidden.shape[0])
         self.hidden.append(hidden)
         self.top_k_index.append(top_k_index)
         self.top_k_weights.append(top_k_weights)
@@ -208,6 +219,16 @@ class RoutedInputs:
             return self.hidden[0][:0] if self.hidden else torch.zeros(0, 0), weights[:0]
         start, end = int(offsets[expert]), int(offsets[expert + 1])
         return self.hidden[0][tokens[start:end]], weights[start:end]
+
+    def expert_segments(self, expert: int) -> list[int]:
+        """How many of `expert_rows(expert)` come from each batch (the rows are in token order)."""
+        tokens, _, offsets = self._expert_order()
+        if not self.hidden or expert + 1 >= offsets.numel():
+            return []
+        mine = tokens[int(offsets[expert]):int(offsets[expert + 1])]
+        ends = torch.tensor(self.batch_tokens, device=mine.device).cumsum(0)
+        cuts = torch.searchsorted(mine, ends).tolist()  # rows before the end of each batch
+        return [b - a for a, b in zip([0] + cuts[:-1], cuts)]
 
 
 @dataclass
@@ -261,29 +282,30 @@ class ExpertStatistics:
             raise RuntimeError("outlier counts were not collected for this layer")
         return self.outliers.double() / self.num_activations.clamp(min=1).double()
 
-    def _expert_inputs(self, expert: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _expert_inputs(self, expert: int) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+        """The expert's routed rows, their routing weights (with `routing_weighted`) and rows per batch."""
         if self.routed is None:
             raise RuntimeError("Gram matrices were not collected for this layer (collect_grams=False)")
         rows, weights = self.routed.expert_rows(expert)
         if rows.shape[-1] != self.hidden:  # no routed inputs at all (a rank without calibration windows)
-            rows = torch.zeros(0, self.hidden, device=self.device)
-        return rows, (weights if self.routing_weighted else None)
+            return torch.zeros(0, self.hidden, device=self.device), None, []
+        return rows, (weights if self.routing_weighted else None), self.routed.expert_segments(expert)
 
     def input_gram(self, expert: int) -> torch.Tensor:
         """X_e^T X_e [H, H] float64 over the tokens routed to `expert` (App. D.2), each row scaled by its
         routing weight with `routing_weighted` (the block output scales expert e's output by it)."""
-        rows, weights = self._expert_inputs(expert)
-        return gram(rows, weights)
+        rows, weights, segments = self._expert_inputs(expert)
+        return gram(rows, weights, segments)
 
     def mid_gram(self, expert: int) -> torch.Tensor:
         """Y_e^T Y_e [I, I] float64 of the expert's intermediate activations (the input of its down
         projection), recomputed from its routed inputs with the `experts` module."""
-        rows, weights = self._expert_inputs(expert)
+        rows, weights, segments = self._expert_inputs(expert)
         if rows.shape[0] == 0:
             return torch.zeros(self.intermediate, self.intermediate, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             activations = expert_activations(self.experts, expert, rows)
-        return gram(activations, weights)
+        return gram(activations, weights, segments)
 
     def sum_over_ranks(self, ranks: Ranks) -> None:
         """Every rank's sums added up (each rank saw its own calibration windows), in place; the routed
