@@ -316,7 +316,7 @@ class ShardedSafetensorsWriter:
         self._names = {n for _, names in self._written for n in names} | {t.name for t in self._pending}
         count = len(self._written)
         for path in self.out_dir.glob("shard-*.tmp"):
-            if int(path.name.split("-")[1].split(".")[0]) >= count:
+            if not path.name.endswith(".spill.tmp") and int(path.name.split("-")[1].split(".")[0]) >= count:
                 path.unlink()
         for path in self.out_dir.glob("shard-*.spill.tmp"):
             if int(path.name.split("-")[1].split(".")[0]) != count:
