@@ -134,15 +134,17 @@ class Journal:
             directory.mkdir(parents=True)
             Journal._append_line(path, {"kind": "header", **header})
             return {"records": []}
-        if not path.exists() or not partial.exists():
-            return {"error": f"nothing to resume for {out_dir}: no journal {path} (or no partial output "
-                             f"{partial}); run without --resume"}
+        if not path.exists():
+            return {"error": f"nothing to resume for {out_dir}: no journal {path}; run without --resume"}
         try:
             records = _read_records(path)
         except ResumeError as exc:
             return {"error": str(exc)}
         if not records or records[0].get("kind") != "header":
             return {"error": f"{path} has no header; start over with --force"}
+        if any("writer" in r for r in records) and not partial.exists():
+            return {"error": f"{path} records written layers but their partial output {partial} is gone; start "
+                             "over with --force"}
         old = {k: v for k, v in records[0].items() if k != "kind"}
         changed = _differences(old, header)
         if changed:
@@ -168,25 +170,53 @@ class Journal:
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("kind") == kind]
 
-    @property
-    def has_layers(self) -> bool:
-        return bool(self.of_kind("layer"))
-
     def writer_state(self) -> dict[str, Any] | None:
         """The writer's state after the last journaled layer (for `CompressedCheckpointWriter`)."""
-        layers = self.of_kind("layer")
+        layers = [r for r in self.records if "writer" in r]
         if not layers:
             return None
         return {"shards": layers[-1]["writer"]["shards"],
                 "added": [entry for r in layers for entry in r["writer"]["added"]]}
 
-    # ----------------------------------------------------------------------------------- hidden states
-    def _stream_path(self, layer: int) -> Path:
-        return self.directory / f"stream-{layer:04d}-rank{self.ranks.rank}.pt"
+    # ----------------------------------------------------------------------------------- finished layers
+    def finish_layer(self, kind: str, index: int, data: dict[str, Any], hidden: list[torch.Tensor] | None,
+                     writer=None) -> None:
+        """Record layer `index` of the pass `kind` as finished: every rank's hidden states after it (when a
+        later layer needs them) and the writer's state are on disk before its line; older hidden states of
+        the pass go once the line is."""
+        if hidden is not None:
+            self.save_stream(kind, index, hidden)
+        self.ranks.barrier()
+        if writer is not None:
+            data = dict(data, writer=writer.commit())
+        self.append({"kind": kind, "layer": index, **data})
+        self.ranks.barrier()
+        if writer is not None:
+            writer.release()
+        self.drop_streams(kind, keep=index if hidden is not None else None)
 
-    def save_stream(self, layer: int, hidden: list[torch.Tensor]) -> None:
+    def resume_point(self, kind: str, device: torch.device, num_layers: int
+                     ) -> tuple[list[dict[str, Any]], int, list[torch.Tensor] | None]:
+        """(the pass's finished layer records, the first layer to run, the hidden states it takes, None
+        when nothing is finished or nothing is left to run)."""
+        finished = self.of_kind(kind)
+        if not finished:
+            return [], 0, None
+        last = finished[-1]["layer"]
+        hidden = self.load_stream(kind, last, device) if self._stream_path(kind, last).exists() else None
+        if hidden is None and last + 1 < num_layers and finished[-1].get("needs_stream", True):
+            raise ResumeError(f"{self._stream_path(kind, last)} is missing: the journal cannot be continued; "
+                              "start over with --force")
+        logger.info("%s: resuming at layer %d (layers 0-%d are journaled)", kind, last + 1, last)
+        return finished, last + 1, hidden
+
+    # ----------------------------------------------------------------------------------- hidden states
+    def _stream_path(self, kind: str, layer: int) -> Path:
+        return self.directory / f"{kind}-{layer:04d}-rank{self.ranks.rank}.pt"
+
+    def save_stream(self, kind: str, layer: int, hidden: list[torch.Tensor]) -> None:
         """This rank's hidden states after `layer`, durable (written to a temporary name, then renamed)."""
-        path = self._stream_path(layer)
+        path = self._stream_path(kind, layer)
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
             torch.save([h.cpu() for h in hidden], f)
@@ -194,40 +224,36 @@ class Journal:
             os.fsync(f.fileno())
         tmp.rename(path)
 
-    def load_stream(self, layer: int, device: torch.device) -> list[torch.Tensor]:
-        path = self._stream_path(layer)
-        if not path.exists():
-            raise ResumeError(f"{path} is missing: the journal cannot be continued; start over with --force")
+    def load_stream(self, kind: str, layer: int, device: torch.device) -> list[torch.Tensor]:
+        path = self._stream_path(kind, layer)
         return [h.to(device) for h in torch.load(path, map_location="cpu", weights_only=True)]
 
-    def drop_streams_except(self, layer: int | None) -> None:
-        """This rank's saved hidden states other than those after `layer`."""
-        keep = self._stream_path(layer).name if layer is not None else None
-        for path in self.directory.glob(f"stream-*-rank{self.ranks.rank}.pt*"):
-            if path.name != keep:
+    def drop_streams(self, kind: str | None, keep: int | None = None) -> None:
+        """This rank's saved hidden states of the pass `kind` (every pass: None) but those after `keep`."""
+        kept = self._stream_path(kind, keep).name if kind is not None and keep is not None else None
+        for path in self.directory.glob(f"{kind or '*'}-*-rank{self.ranks.rank}.*"):
+            if path.name != kept:
                 path.unlink(missing_ok=True)
 
     def remove(self) -> None:
         """After the checkpoint is published (or an error): the journal and the hidden states go."""
-        self.drop_streams_except(None)
+        self.drop_streams(None)
         if self.ranks.is_writer:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ records
-def sensitivity_record(sensitivity: dict[int, Any]) -> dict[str, Any]:
-    """The sensitivity pass's measurements (pipeline.LayerSensitivity per MoE layer) as a journal line
-    (float64 values survive JSON exactly)."""
-    return {"kind": "sensitivity", "layers": {
-        str(i): {"score": s.score, "frequency": s.frequency.tolist(), "principal_rank": s.principal_rank.tolist(),
-                 "outlier_ratio": s.outlier_ratio.tolist()} for i, s in sensitivity.items()}}
+def sensitivity_measurements(measured) -> dict[str, Any]:
+    """One MoE layer's sensitivity measurements (pipeline.LayerSensitivity) for a journal line (float64
+    values survive JSON exactly)."""
+    return {"score": measured.score, "frequency": measured.frequency.tolist(),
+            "principal_rank": measured.principal_rank.tolist(), "outlier_ratio": measured.outlier_ratio.tolist()}
 
 
-def sensitivity_from_record(record: dict[str, Any], make) -> dict[int, Any]:
-    """`sensitivity_record`'s measurements back, each built by `make(score, frequency, principal_rank,
-    outlier_ratio)`."""
+def sensitivity_from_measurements(data: dict[str, Any], make):
+    """`sensitivity_measurements` back, built by `make(score, frequency, principal_rank, outlier_ratio)`."""
     def tensor(values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float64)
 
-    return {int(i): make(m["score"], tensor(m["frequency"]), tensor(m["principal_rank"]), tensor(m["outlier_ratio"]))
-            for i, m in record["layers"].items()}
+    return make(data["score"], tensor(data["frequency"]), tensor(data["principal_rank"]),
+                tensor(data["outlier_ratio"]))

@@ -44,7 +44,7 @@ from offline.devices import resolve_device
 from offline.distributed import Ranks
 from offline.expert_tensors import LayerExperts
 from offline.heap import release_free_heap
-from offline.journal import Journal, run_fingerprint, sensitivity_from_record, sensitivity_record
+from offline.journal import Journal, run_fingerprint, sensitivity_from_measurements, sensitivity_measurements
 from offline.layerwise import LayerInputs, LayerwiseModel
 from offline.methods import CompressedLayer, LayerWork, TensorSink
 from offline.methods.experts import layer_experts
@@ -59,6 +59,8 @@ from offline.sensitivity import (
 )
 
 logger = logging.getLogger(__name__)
+
+SENSITIVITY, DECOMPOSITION = "sensitivity", "decomposition"  # the passes' names in the journal
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -145,13 +147,21 @@ def principal_ranks(experts: LayerExperts, threshold: float, ranks: Ranks | None
 
 
 def sensitivity_pass(model: LayerwiseModel, calib: CalibrationSet, options: CompressionOptions,
-                     ranks: Ranks | None = None) -> dict[int, LayerSensitivity]:
+                     ranks: Ranks | None = None, journal: Journal | None = None) -> dict[int, LayerSensitivity]:
     """f_i, a_i, r_i and S_L for every MoE layer, passing dense outputs on. a_i needs tau * the mean
-    |activation| of each expert first, so a MoE layer runs twice: statistics, then outlier counts."""
+    |activation| of each expert first, so a MoE layer runs twice: statistics, then outlier counts. With a
+    `journal` each finished layer is recorded and the layers it holds are not run again."""
     ranks = ranks or Ranks()
     stream = embed_calibration(model, calib, options.batch_size, ranks)
     result: dict[int, LayerSensitivity] = {}
-    for index in tqdm(range(model.num_layers), desc="sensitivity", disable=None):
+    finished, start, hidden = (journal.resume_point(SENSITIVITY, model.device, model.num_layers) if journal
+                               else ([], 0, None))
+    for record in finished:
+        if record["measured"] is not None:
+            result[record["layer"]] = sensitivity_from_measurements(record["measured"], LayerSensitivity)
+    if hidden is not None:
+        stream.hidden = hidden
+    for index in tqdm(range(start, model.num_layers), desc="sensitivity", disable=None):
         layer = model.build_layer(index)
         if index in model.moe_layers:
             stats, outputs = collect_statistics(model, layer, index, stream, False, f"layer {index} stats",
@@ -172,6 +182,13 @@ def sensitivity_pass(model: LayerwiseModel, calib: CalibrationSet, options: Comp
             outputs = run_layer(model, layer, index, stream, None, f"layer {index}")
         stream.hidden = outputs
         del layer
+        if journal is not None:
+            measured = sensitivity_measurements(result[index]) if index in result else None
+            more = index + 1 < model.num_layers
+            journal.finish_layer(SENSITIVITY, index, {"measured": measured, "needs_stream": more},
+                                 stream.hidden if more else None)
+    if journal is not None:
+        journal.drop_streams(SENSITIVITY)
     return result
 
 
@@ -235,22 +252,6 @@ def _discard(name: str, tensor: torch.Tensor) -> None:
     """The tensor sink of the ranks that do not write."""
 
 
-def _journal_layer(journal: Journal, writer: CompressedCheckpointWriter | None, ranks: Ranks, index: int,
-                   spec: LayerSpec | None, report: LayerReport | None, hidden: list[torch.Tensor] | None) -> None:
-    """Record layer `index` as finished: every rank's hidden states after it (when a later layer needs
-    them) and the writer's state are on disk before its journal line; older hidden states go after it."""
-    if hidden is not None:
-        journal.save_stream(index, hidden)
-    ranks.barrier()
-    state = writer.commit() if writer is not None else None
-    journal.append({"kind": "layer", "layer": index, "spec": asdict(spec) if spec else None,
-                    "report": asdict(report) if report else None, "writer": state})
-    ranks.barrier()
-    if writer is not None:
-        writer.release()
-    journal.drop_streams_except(index if hidden is not None else None)
-
-
 def decomposition_pass(model: LayerwiseModel, calib: CalibrationSet, options: CompressionOptions, plan: Plan,
                        sensitivity: dict[int, LayerSensitivity] | None, writer: CompressedCheckpointWriter | None,
                        ranks: Ranks | None = None, journal: Journal | None = None
@@ -263,16 +264,15 @@ def decomposition_pass(model: LayerwiseModel, calib: CalibrationSet, options: Co
     last_needed = max(plan.ranks)
     specs: dict[str, LayerSpec] = {}
     reports: list[LayerReport] = []
-    finished = journal.of_kind("layer") if journal else []
+    finished, start, hidden = (journal.resume_point(DECOMPOSITION, model.device, model.num_layers) if journal
+                               else ([], 0, None))
     for record in finished:
         if record["spec"] is not None:
             specs[str(record["layer"])] = LayerSpec(**record["spec"])
         if record["report"] is not None:
             reports.append(LayerReport(**record["report"]))
-    start = finished[-1]["layer"] + 1 if finished else 0
-    if finished and start <= last_needed:
-        stream.hidden = journal.load_stream(finished[-1]["layer"], model.device)
-        logger.info("resuming at layer %d (layers 0-%d are journaled)", start, start - 1)
+    if hidden is not None:
+        stream.hidden = hidden
     dense = dense_layer_params(model.dims)
     add = writer.add if writer is not None else _discard
     for index in tqdm(range(start, model.num_layers), desc=f"{options.method} decomposition", disable=None):
@@ -308,8 +308,11 @@ def decomposition_pass(model: LayerwiseModel, calib: CalibrationSet, options: Co
         if report is not None:
             reports.append(report)
         if journal is not None:
-            _journal_layer(journal, writer, ranks, index, spec, report,
-                           stream.hidden if index < last_needed else None)
+            more = index < last_needed
+            journal.finish_layer(DECOMPOSITION, index, {"spec": asdict(spec) if spec else None,
+                                                        "report": asdict(report) if report else None,
+                                                        "needs_stream": more},
+                                 stream.hidden if more else None, writer)
     return specs, reports
 
 
@@ -340,11 +343,12 @@ def _compress(model_dir: Path, out_dir: Path, options: CompressionOptions, ranks
     try:
         result = _compress_journaled(model, calib, out_dir, options, ranks, journal, clock)
     except (KeyboardInterrupt, SystemExit):
-        if not journal.has_layers:
+        if not journal.records:
             journal.remove()
         else:
-            logger.warning("interrupted: %d layers are journaled in %s; `--resume` continues",
-                           len(journal.of_kind("layer")), journal.directory)
+            logger.warning("interrupted: %d finished layers of its passes are journaled in %s; `--resume` "
+                           "continues",
+                           len(journal.records), journal.directory)
         raise
     except BaseException:
         journal.remove()  # an error would repeat on resume: nothing is kept
@@ -358,26 +362,21 @@ def _compress_journaled(model: LayerwiseModel, calib: CalibrationSet, out_dir: P
                         ranks: Ranks, journal: Journal, clock: StageClock) -> Path:
     sensitivity = None
     if options.effective_selection == "sensitivity":
-        recorded = journal.of_kind("sensitivity")
-        if recorded:
-            sensitivity = sensitivity_from_record(recorded[0], LayerSensitivity)
-        else:
-            with clock.stage("sensitivity pass"):
-                sensitivity = sensitivity_pass(model, calib, options, ranks)
-            journal.append(sensitivity_record(sensitivity))
+        with clock.stage("sensitivity pass"):
+            sensitivity = sensitivity_pass(model, calib, options, ranks, journal)
     with clock.stage("plan"):
         plan = make_plan(model, options, sensitivity)
     logger.info("plan: decompose layers %s at (rank, neurons) %s -> ratio %.4f (target %.4f)",
                 list(plan.shapes), [(x.rank, x.intermediate) for x in plan.shapes.values()], plan.ratio,
                 options.ratio)
-    resumed_at = len(journal.of_kind("layer")) if options.resume else None  # layers are journaled in order
+    resumed_at = len(journal.of_kind(DECOMPOSITION)) if options.resume else None  # journaled in order
     if not ranks.is_writer:
         decomposition_pass(model, calib, options, plan, sensitivity, None, ranks, journal)
         return out_dir
     with CompressedCheckpointWriter(model.raw_config, out_dir, replace=options.force,
                                     max_shard_bytes=options.max_shard_bytes,
                                     partial=resumable_partial_dir(out_dir), resume_from=journal.writer_state(),
-                                    keep_on_interrupt=lambda: journal.has_layers) as writer:
+                                    keep_on_interrupt=lambda: bool(journal.records)) as writer:
         with clock.stage("decomposition pass"), writer.stage(f"the {options.method} decomposition"):
             specs, reports = decomposition_pass(model, calib, options, plan, sensitivity, writer, ranks, journal)
         with clock.stage("write"):

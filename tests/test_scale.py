@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -96,11 +97,35 @@ def test_two_processes_give_the_checkpoint_of_one(tiny_model_dir, tmp_path, whic
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no journal, no partial left
 
 
+@pytest.mark.slow
+def test_two_nodes_on_loopback_give_the_checkpoint_of_one(tiny_model_dir, tmp_path):
+    """Two torchrun "nodes" of one process each on this machine (static rendezvous on 127.0.0.1), as two
+    machines would run it: `--nnodes 2 --node-rank {0,1} --master-addr ... --master-port ...`."""
+    model = tiny_model_dir("qwen3_moe")
+    small = ["--num-samples", "8", "--seq-len", "32", "--batch-size", "2"]
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+         str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "moesvd_vllm.cli",
+         *_cli(model, tmp_path / "two", *small)[3:]],
+        env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    one = subprocess.run(_cli(model, tmp_path / "one", *small), env=_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
+    _assert_same_checkpoint(tmp_path / "one", tmp_path / "two", SAME_CHECKPOINT_RTOL)
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["summary"]["world_size"] == 2
+
+
 # ------------------------------------------------------------------------------------------ resume
-def _kill_after_first_layer(cmd: list[str], journal: Path) -> None:
+def _kill_once_journaled(cmd: list[str], journal: Path, kind: str) -> None:
+    """Run `cmd` and SIGKILL it as soon as its journal holds a finished layer of the pass `kind`."""
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
-    while not (journal.exists() and '"kind":"layer"' in journal.read_text()):
+    while not (journal.exists() and f'"kind":"{kind}"' in journal.read_text()):
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         assert time.monotonic() < deadline, "no layer was journaled"
         time.sleep(0.02)
@@ -117,7 +142,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_checkpoint(tiny_model_dir, 
     args = ["--num-samples", "32", "--seq-len", "64", "--batch-size", "4", "--max-shard-bytes", "300000"]
     cmd = _cli(model, work / "out", *args)
     journal = work / ".out.journal" / "journal.jsonl"
-    _kill_after_first_layer(cmd, journal)
+    _kill_once_journaled(cmd, journal, "sensitivity")  # in the sensitivity pass
+    _kill_once_journaled(cmd + ["--resume"], journal, "decomposition")  # resumed, then killed again
     left = sorted(p.name for p in work.iterdir())
     assert left == [".out.journal", ".out.partial"]  # hidden: nothing looks like a finished checkpoint
     assert not list((work / ".out.partial").glob("*.json")) and not list((work / ".out.partial").glob("model-*"))
