@@ -25,7 +25,11 @@ REPO = Path(__file__).resolve().parent.parent
 CALIB = REPO / "offline" / "bundled" / "kjv_text" / "validation.txt"
 BUNDLED = REPO / "offline" / "bundled" / "moe_mini"
 # the issue's criterion: a thread-count change alone moves the tensors by about 4e-6 (the float32 GEMMs
-# sum in another order and the fits of later layers amplify it); two processes are held to 1e-4 relative
+# sum in another order and the fits of later layers amplify it); two processes are held to 1e-4 relative.
+# Two processes change only the order of the float64 sums of the per-batch Gram partials (calibration.gram),
+# ~1e-16. How much the fits amplify a perturbation, measured with a much larger one (batch size 2 vs 4,
+# which moves every float32 GEMM of the forward by ~1e-7): tiny fixture, default method 1.6e-6; bundled
+# model, moe-svd 2.2e-5; the tiny fixture with moe-svd is chaotic (1.7e-4) and not used here.
 SAME_CHECKPOINT_RTOL = 1e-4
 
 
@@ -75,12 +79,12 @@ def test_malformed_device_is_refused_with_the_choices(spec):
 
 
 # ------------------------------------------------------------------------------------------ torch.distributed
-@pytest.mark.parametrize("which", ["tiny-moe-svd", "bundled-default"])
+@pytest.mark.parametrize("which", ["tiny-default", "bundled-moe-svd"])
 def test_two_processes_give_the_checkpoint_of_one(tiny_model_dir, tmp_path, which):
-    """torchrun with 2 gloo processes: calibration windows split, statistics summed, experts (U-trimming
-    groups for moe-svd, neuron selection and fits for the default) split; rank 0 writes."""
-    model = tiny_model_dir("qwen3_moe") if which == "tiny-moe-svd" else BUNDLED
-    method = ["--method", "moe-svd", "--ratio", "0.4"] if which == "tiny-moe-svd" else []
+    """torchrun with 2 gloo processes: calibration windows split, statistics summed, experts (neuron
+    selection and fits for the default, U-trimming groups for moe-svd) split; rank 0 writes."""
+    model = tiny_model_dir("qwen3_moe") if which == "tiny-default" else BUNDLED
+    method = ["--method", "moe-svd", "--ratio", "0.4"] if which == "bundled-moe-svd" else []
     small = ["--num-samples", "8", "--seq-len", "32", "--batch-size", "2"]  # 4 batches: 2 per rank
     one = subprocess.run(_cli(model, tmp_path / "one", *small, *method), env=_env(), capture_output=True,
                          text=True, timeout=600)
