@@ -67,6 +67,8 @@ class SkippingUnquantizedMethod(UnquantizedFusedMoEMethod):
                 "--enable-expert-parallel or disable skipping (MOESVD_SKIP_BETA=off)")
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
+        if self.beta == 0.0:  # nothing to skip: vLLM's own path
+            return super().apply(layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input)
         return run_skipping(
             self.moe_kernel, hidden_states=x, topk_weights=topk_weights, topk_ids=topk_ids, beta=self.beta,
             renormalize=layer.renormalize, count=self.count, shared_experts=shared_experts,

@@ -10,7 +10,9 @@ Python + numpy; a worker without the variable (offline `vllm.LLM` without the st
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,6 +28,7 @@ def ensure_stats_dir() -> Path:
     if not path:
         path = tempfile.mkdtemp(prefix="moesvd-skip-stats-")
         os.environ[STATS_DIR_ENV] = path
+        atexit.register(shutil.rmtree, path, True)  # the process that made it (the API server) removes it
     return Path(path)
 
 

@@ -168,9 +168,13 @@ class SkippingExperts(nn.Module):
         self.inner = experts
         self.beta = beta
         self.renormalize = renormalize
+        self.routed_pairs = 0  # counts since construction (offline/skip_quality.py reads them)
+        self.skipped_pairs = 0
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         keep = keep_mask(top_k_weights, self.beta)
+        self.routed_pairs += keep.numel()
+        self.skipped_pairs += int((~keep).sum())
         weights = kept_weights(top_k_weights, keep, self.renormalize).to(top_k_weights.dtype)
         return self.inner(hidden_states, top_k_index, weights)
 

@@ -175,7 +175,6 @@ def _skip_counters(server) -> tuple[float, float]:
             _metric(text, "moesvd_skipped_pairs_total", server.name))
 
 
-@pytest.mark.slow
 def test_served_skip_only_matches_reference_and_counts(skip_only_checkpoint, vllm_server):
     server = vllm_server(skip_only_checkpoint)
     _served_against_reference(skip_only_checkpoint, server)
