@@ -186,3 +186,19 @@ def test_served_skip_only_matches_reference_and_counts(skip_only_checkpoint, vll
         time.sleep(1)
     # 2 experts per token: skipped <= non-top-1 pairs = routed / 2; about half of them on KJV text
     assert routed > 0 and 0.15 * routed / 2 < skipped < 0.85 * routed / 2
+
+
+@pytest.fixture(scope="module")
+def compressed_skip_checkpoint(tmp_path_factory) -> Path:
+    from offline.compress import CompressionOptions, compress
+
+    options = CompressionOptions(calib=str(CALIB), num_samples=8, seq_len=64, batch_size=4, method="moe-svd",
+                                 ratio=0.5, ratio_tolerance=0.05, min_intermediate_fraction=0.5,
+                                 skip_target=TARGET)
+    return compress(BUNDLED, tmp_path_factory.mktemp("skip") / "compressed-skip", options)
+
+
+def test_served_compressed_with_skipping_matches_reference(compressed_skip_checkpoint, vllm_server):
+    block = json.loads((compressed_skip_checkpoint / "config.json").read_text())["moe_svd"]
+    assert block["layers"] and len(block["layers"]) < 4 and block["format_version"] == 3  # decomposed + dense
+    _served_against_reference(compressed_skip_checkpoint, vllm_server(compressed_skip_checkpoint))
