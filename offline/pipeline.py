@@ -45,6 +45,7 @@ from offline.layerwise import LayerInputs, LayerwiseModel
 from offline.methods import CompressedLayer, LayerWork, TensorSink
 from offline.methods.experts import layer_experts
 from offline.report import LayerReport, StageClock, compression_summary, layer_report, write_reports
+from offline.skipping import SkipCalibration
 from offline.sensitivity import (
     LayerShape,
     Plan,
@@ -211,12 +212,14 @@ def _copy_layer_tensors(model: LayerwiseModel, writer: CompressedCheckpointWrite
 
 
 def decomposition_pass(model: LayerwiseModel, calib: CalibrationSet, options: CompressionOptions, plan: Plan,
-                       sensitivity: dict[int, LayerSensitivity] | None, writer: CompressedCheckpointWriter
-                       ) -> tuple[dict[str, LayerSpec], list[LayerReport]]:
+                       sensitivity: dict[int, LayerSensitivity] | None, writer: CompressedCheckpointWriter,
+                       skip: SkipCalibration | None = None) -> tuple[dict[str, LayerSpec], list[LayerReport]]:
     """Every layer's tensors to `writer`: planned layers compressed by the method, the others copied; the
-    layers after the last planned one are not run."""
+    layers after the last planned one are not run (unless `skip` calibrates expert skipping on every MoE
+    layer: it watches each MoE layer's routing, offline/skipping.py)."""
     stream = embed_calibration(model, calib, options.batch_size)
-    last_needed = max(plan.ranks)
+    skip = skip or SkipCalibration(options.skip_choice, model.moe_layers)
+    last_needed = model.num_layers - 1 if skip.active else max(plan.ranks)
     specs: dict[str, LayerSpec] = {}
     reports: list[LayerReport] = []
     dense = dense_layer_params(model.dims)
@@ -226,14 +229,17 @@ def decomposition_pass(model: LayerwiseModel, calib: CalibrationSet, options: Co
         if index not in plan.ranks:
             _copy_layer_tensors(model, writer, index, set())
             if index <= last_needed:
-                stream.hidden = run_layer(model, model.build_layer(index), index, stream, None, f"layer {index}")
+                layer = model.build_layer(index)
+                with skip.watching(_experts_of(model, layer, index), index, stream.masks):
+                    stream.hidden = run_layer(model, layer, index, stream, None, f"layer {index}")
             if index in model.moe_layers:
                 reports.append(layer_report(index, score, measured, None, dense, model.dims))
             continue
         release_free_heap()
         layer = model.build_layer(index)
-        stats, outputs = collect_statistics(model, layer, index, stream, True, f"layer {index} grams",
-                                            options.routing_weighted)
+        with skip.watching(model.moe_block(layer).experts, index, stream.masks):
+            stats, outputs = collect_statistics(model, layer, index, stream, True, f"layer {index} grams",
+                                                options.routing_weighted)
         write_back = options.propagate == "compressed" and index < last_needed
         replaced = set(expert_tensor_names(model.tensors, model.model_type, index, model.dims.num_experts))
         _copy_layer_tensors(model, writer, index, replaced)
@@ -250,6 +256,10 @@ def decomposition_pass(model: LayerwiseModel, calib: CalibrationSet, options: Co
         stream.hidden = outputs
         del layer, result
     return specs, reports
+
+
+def _experts_of(model: LayerwiseModel, layer: nn.Module, index: int) -> nn.Module | None:
+    return model.moe_block(layer).experts if index in model.moe_layers else None
 
 
 # ------------------------------------------------------------------------------------------ compress
@@ -276,12 +286,14 @@ def compress(model_dir: str | os.PathLike, out_dir: str | os.PathLike, options: 
     with CompressedCheckpointWriter(model.raw_config, out_dir, replace=options.force,
                                     max_shard_bytes=options.max_shard_bytes) as writer:
         with clock.stage("decomposition pass"), writer.stage(f"the {options.method} decomposition"):
-            specs, reports = decomposition_pass(model, calib, options, plan, sensitivity, writer)
+            skip = SkipCalibration(options.skip_choice, model.moe_layers)
+            specs, reports = decomposition_pass(model, calib, options, plan, sensitivity, writer, skip)
         with clock.stage("write"):
             for name in model.non_layer_tensor_names():
                 writer.add(name, model.tensors.get(name), stage=COPIED)
             block = writer.finish(method=options.method, layers=specs, options=options.recorded(),
-                                  calibration=calib.info, side_files_from=model.model_dir)
+                                  calibration=calib.info, side_files_from=model.model_dir,
+                                  skipping=skip.spec())
         summary = compression_summary(model, options, plan, block, calib.info)
         write_reports(writer.directory, summary, reports, clock.stages)
     logger.info("wrote %s: ratio %.4f, decomposed layers %s", out_dir, block.params.ratio,
