@@ -198,6 +198,7 @@ def compressed_skip_checkpoint(tmp_path_factory) -> Path:
     return compress(BUNDLED, tmp_path_factory.mktemp("skip") / "compressed-skip", options)
 
 
+@pytest.mark.slow  # ~3 min; the default suite serves skipping through the skip-only checkpoint above
 def test_served_compressed_with_skipping_matches_reference(compressed_skip_checkpoint, vllm_server):
     block = json.loads((compressed_skip_checkpoint / "config.json").read_text())["moe_svd"]
     assert block["layers"] and len(block["layers"]) < 4 and block["format_version"] == 3  # decomposed + dense
