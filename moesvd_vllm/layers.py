@@ -34,6 +34,7 @@ from moesvd_vllm.architectures import MoEDims, moe_layout
 from moesvd_vllm.format.safetensors_io import torch_dtype
 from moesvd_vllm.errors import MoESVDError
 from moesvd_vllm.format.schema import CONFIG_KEY, LayerSpec, MoESVDConfig, SchemaError
+from moesvd_vllm.skip_kernel import run_skipping
 
 logger = logging.getLogger("vllm.moesvd_vllm.layers")
 
@@ -68,6 +69,23 @@ def compression_config(hf_config) -> MoESVDConfig:
     return config
 
 
+def serving_betas(hf_config, compression: MoESVDConfig) -> dict[int, float]:
+    """beta per MoE layer to skip with (layers without skipping left out): the checkpoint's `moe_svd.skipping`
+    betas, overridden by MOESVD_SKIP_BETA at server start (moesvd_vllm/skipping.py); a bad value raises."""
+    from moesvd_vllm.architectures import moe_layer_indices
+    from moesvd_vllm.skipping import BETA_ENV, SkippingError, resolve_betas
+
+    moe_layers = moe_layer_indices(hf_config.to_dict())
+    stored = None
+    try:
+        if compression.skipping is not None:
+            compression.skipping.validate_layers(moe_layers, f"{CONFIG_KEY}.skipping")
+            stored = compression.skipping.betas
+        return resolve_betas(stored, moe_layers)
+    except (SchemaError, SkippingError) as error:
+        raise CompressionConfigError(f"expert skipping: {error} (server-start override: {BETA_ENV})") from None
+
+
 def _factor_shards(parallel: FusedMoEParallelConfig) -> tuple[int, int]:
     """(rank, count) of the split of every bank's intermediate neurons over this MoE layer's ranks.
 
@@ -92,7 +110,7 @@ class SharedBasisExperts(FusedMoEMethodBase):
     """
 
     def __init__(self, moe: FusedMoEConfig, spec: LayerSpec, dims: MoEDims, model_type: str,
-                 layer_index: int):
+                 layer_index: int, skip_beta: float = 0.0):
         super().__init__(moe)
         parallel = moe.moe_parallel_config
         where = f"decoder layer {layer_index} ({CONFIG_KEY}.layers.{layer_index})"
@@ -135,6 +153,7 @@ class SharedBasisExperts(FusedMoEMethodBase):
         self.block_prefix = block
         self.remap = list(spec.bank_map) != list(range(spec.num_experts))
         self.has_bases = spec.bases
+        self.skip_beta = skip_beta  # dynamic expert skipping (moesvd_vllm/skipping.py); 0: off
 
     # ------------------------------------------------------------------------------------- weights
 
@@ -236,11 +255,18 @@ class SharedBasisExperts(FusedMoEMethodBase):
             latent = layer.moe_svd_in(x.to(self.compute_dtype)).to(x.dtype)
         if self.remap:  # expert ids -> bank ids (U-trimming); a tensor index, traceable by torch.compile
             topk_ids = layer.moe_svd_bank_of_expert[topk_ids.long()].to(topk_ids.dtype)
-        out = self.moe_kernel.apply(
-            hidden_states=latent, w1=layer.w13_weight, w2=layer.w2_weight, topk_weights=topk_weights,
-            topk_ids=topk_ids, activation=layer.activation, global_num_experts=self.spec.num_banks,
-            expert_map=None, apply_router_weight_on_input=layer.apply_router_weight_on_input,
-            shared_experts=shared_experts, shared_experts_input=shared_experts_input)
+        kernel_args = dict(w1=layer.w13_weight, w2=layer.w2_weight, activation=layer.activation,
+                           global_num_experts=self.spec.num_banks, expert_map=None,
+                           apply_router_weight_on_input=layer.apply_router_weight_on_input)
+        if self.skip_beta > 0.0:  # only the kept pairs reach the kernel (moesvd_vllm/skip_kernel.py)
+            out = run_skipping(self.moe_kernel, hidden_states=latent, topk_weights=topk_weights,
+                               topk_ids=topk_ids, beta=self.skip_beta, renormalize=layer.renormalize,
+                               count=self.shard_rank == 0, shared_experts=shared_experts,
+                               shared_experts_input=shared_experts_input, **kernel_args)
+        else:
+            out = self.moe_kernel.apply(hidden_states=latent, topk_weights=topk_weights, topk_ids=topk_ids,
+                                        shared_experts=shared_experts, shared_experts_input=shared_experts_input,
+                                        **kernel_args)
         if self.has_bases:
             out = layer.moe_svd_out(out.to(self.compute_dtype)).to(x.dtype)
         return out

@@ -8,6 +8,13 @@ vLLM builds `MoESVDStatLogger(vllm_config, engine_index)` in the API-server proc
     moesvd_expert_compression_ratio{model_name}                         fraction of expert params removed
     moesvd_decomposed_layers{model_name}                                MoE layers served compressed
     moesvd_moe_layers{model_name}                                       MoE layers of the architecture
+    moesvd_routed_pairs_total{model_name}    (token, expert) pairs the router chose, summed over MoE layers
+    moesvd_skipped_pairs_total{model_name}   of those, pairs dynamic expert skipping left out (never computed)
+
+The two counters exist for a model served with skipping (moesvd_vllm/skipping.py); the skipped share is
+`rate(moesvd_skipped_pairs_total[1m]) / rate(moesvd_routed_pairs_total[1m])`. The workers count into
+memory-mapped files (moesvd_vllm/skip_stats.py), read at every engine iteration; the engine's warm-up
+passes, before `log_engine_initialized()`, are left out.
 
 A dense (or non-MoE) model exports only `moesvd_compression_info{compressed="false", method="none"}`, so a
 dashboard can tell "not compressed" from "plugin missing" (no series at all). Collectors are created in
@@ -20,12 +27,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from moesvd_vllm.architectures import moe_layer_indices
 
 from moesvd_vllm.format.schema import CONFIG_KEY, MoESVDConfig, SchemaError
+from moesvd_vllm.skip_stats import ensure_stats_dir, read_totals
+
+# vLLM loads this module in the API server before it spawns the engine: the workers inherit the directory.
+ensure_stats_dir()
 
 logger = logging.getLogger("vllm.moesvd_vllm.metrics")
 
@@ -45,6 +56,7 @@ class CompressionSummary:
     compression_ratio: float = 0.0
     decomposed_layers: int = 0
     moe_layers: int = 0
+    skipping: bool = False
 
 
 def summarize(hf_config) -> CompressionSummary:
@@ -53,6 +65,12 @@ def summarize(hf_config) -> CompressionSummary:
     if block is None:
         return CompressionSummary(compressed=False)
     config = MoESVDConfig.from_dict(block)
+    import os
+
+    from moesvd_vllm.skipping import BETA_ENV
+
+    override = os.environ.get(BETA_ENV, "").strip().lower()
+    skipping = override not in ("off", "none") and (config.skipping is not None or bool(override))
     try:
         moe_layers = len(moe_layer_indices(hf_config.to_dict()))
     except (SchemaError, KeyError):
@@ -67,6 +85,7 @@ def summarize(hf_config) -> CompressionSummary:
         compression_ratio=config.params.ratio,
         decomposed_layers=len(config.layers),
         moe_layers=moe_layers,
+        skipping=skipping,
     )
 
 
@@ -94,6 +113,13 @@ class _Collectors:
         self.moe_layers = Gauge(
             f"{PREFIX}moe_layers", "MoE layers of the architecture.", ["model_name"],
             multiprocess_mode="mostrecent")
+
+        self.routed_pairs = Counter(
+            f"{PREFIX}routed_pairs", "(token, expert) pairs chosen by the routers of the MoE layers.",
+            ["model_name"])
+        self.skipped_pairs = Counter(
+            f"{PREFIX}skipped_pairs", "(token, expert) pairs left out by dynamic expert skipping (not computed).",
+            ["model_name"])
 
     @classmethod
     def get(cls) -> "_Collectors":
@@ -128,13 +154,26 @@ class MoESVDStatLogger(StatLoggerBase):
             logger.warning("moesvd metrics: not exporting compression metrics: %s", error)
             self.summary = None
 
+        self._counted: tuple[int, int] | None = None  # (routed, skipped) already exported
+
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
-        pass
+        if self._counted is None or engine_idx != self.engine_index:
+            return
+        routed, skipped = read_totals()
+        collectors = _Collectors.get()
+        collectors.routed_pairs.labels(model_name=self.model_name).inc(max(0, routed - self._counted[0]))
+        collectors.skipped_pairs.labels(model_name=self.model_name).inc(max(0, skipped - self._counted[1]))
+        self._counted = (max(routed, self._counted[0]), max(skipped, self._counted[1]))
 
     def log_engine_initialized(self):
         if self.summary is None:
             return
         _Collectors.get().export(self.model_name, self.summary)
+        if self.summary.skipping and self.engine_index == 0:
+            self._counted = read_totals()  # warm-up and profiling passes are not traffic
+            collectors = _Collectors.get()
+            collectors.routed_pairs.labels(model_name=self.model_name).inc(0)
+            collectors.skipped_pairs.labels(model_name=self.model_name).inc(0)
         if self.summary.compressed:
             logger.info("moesvd metrics: %s compressed with %s, %.1f%% of expert parameters removed",
                         self.model_name, self.summary.method, 100 * self.summary.compression_ratio)

@@ -46,7 +46,7 @@ def original_architecture(plugin_name: str) -> str:
 def install_compression(vllm_config) -> None:
     """Refuse what cannot be served exactly, then make the MoE-SVD config the model's quantization config."""
     from moesvd_vllm.architectures import moe_layer_indices
-    from moesvd_vllm.layers import CompressionConfigError, compression_config
+    from moesvd_vllm.layers import CompressionConfigError, compression_config, serving_betas
     from moesvd_vllm.quantization import MoESVDQuantizationConfig
 
     if isinstance(vllm_config.quant_config, MoESVDQuantizationConfig):
@@ -72,7 +72,16 @@ def install_compression(vllm_config) -> None:
         raise CompressionConfigError(
             "LoRA adapters are not supported on MoE-SVD compressed layers; start the server without "
             "--enable-lora")
-    vllm_config.quant_config = MoESVDQuantizationConfig(compression, config)
+    quant_config = MoESVDQuantizationConfig(compression, config)
+    quant_config.skip_betas = serving_betas(hf_config, compression)
+    if quant_config.skip_betas and vllm_config.parallel_config.enable_expert_parallel:
+        raise CompressionConfigError(
+            "expert skipping with --enable-expert-parallel is not supported (the kept pairs are handed to the "
+            "kernel as a top-1 problem without an expert map); serve with --tensor-parallel-size, or turn "
+            "skipping off with MOESVD_SKIP_BETA=off")
+    vllm_config.quant_config = quant_config
+    if quant_config.skip_betas:
+        logger.info("moesvd: expert skipping, beta per MoE layer %s", quant_config.skip_betas)
     logger.info("moesvd: %s with %d MoE-SVD layer(s) (method %s, format %d) on vLLM's %s",
                 hf_config.architectures, len(compression.layers), compression.method,
                 compression.format_version, config.get("model_type"))

@@ -33,11 +33,14 @@ class CompressedCheckpointPreflight:
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        from moesvd_vllm.layers import compression_config
+        from moesvd_vllm.layers import compression_config, serving_betas
 
         model_config = vllm_config.model_config
         hf_config = model_config.hf_text_config
         compression = compression_config(hf_config)
+        betas = serving_betas(hf_config, compression)  # a bad beta or override fails here, in the API server
+        if betas:
+            logger.info("moesvd: expert skipping, beta per MoE layer %s", betas)
         model_dir = Path(model_config.model)
         if model_dir.is_dir() and check_checkpoint_files(model_dir, hf_config, compression):
             logger.info("moesvd: %s: %d MoE-SVD layer(s) (method %s), checkpoint files match the schema",

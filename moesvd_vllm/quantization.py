@@ -23,6 +23,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from moesvd_vllm.architectures import moe_dims
 from moesvd_vllm.format.schema import MoESVDConfig
 from moesvd_vllm.layers import CompressionConfigError, SharedBasisExperts
+from moesvd_vllm.skip_kernel import SkippingUnquantizedMethod
 
 NAME = "moe_svd"
 
@@ -35,6 +36,7 @@ class MoESVDQuantizationConfig(QuantizationConfig):
         self.compression = compression
         self.model_type = hf_config["model_type"]
         self.dims = moe_dims(hf_config)
+        self.skip_betas: dict[int, float] = {}  # set by install_compression (moesvd_vllm.layers.serving_betas)
 
     def get_name(self) -> str:
         return NAME
@@ -63,6 +65,7 @@ class MoESVDQuantizationConfig(QuantizationConfig):
             return None
         index = extract_layer_index(prefix)
         spec = self.compression.layer(index)
-        if spec is None:
-            return None  # a MoE layer the checkpoint left dense: vLLM's own method
-        return SharedBasisExperts(layer.moe_config, spec, self.dims, self.model_type, index)
+        beta = self.skip_betas.get(index, 0.0)
+        if spec is None:  # a MoE layer the checkpoint left dense: vLLM's own method (with skipping if asked)
+            return None if beta == 0.0 else SkippingUnquantizedMethod(layer.moe_config, beta, index)
+        return SharedBasisExperts(layer.moe_config, spec, self.dims, self.model_type, index, skip_beta=beta)

@@ -17,8 +17,10 @@ from moesvd_vllm.errors import MoESVDError
 from moesvd_vllm.format.safetensors_io import dtype_name
 from moesvd_vllm.format.schema import BASIS_DTYPES, INTERMEDIATE_MULTIPLE
 from moesvd_vllm.options import from_mapping, option
+from moesvd_vllm.skipping import SkippingError
 from offline.devices import DEVICE_CHOICES_HELP, check_device_spec
 from offline.methods import CompressionMethod, method_class, method_names
+from offline.skipping import SkipChoice, parse_skip_beta
 from offline.sensitivity import RatioError
 
 DEFAULT_METHOD = "moe-svd-stacked"
@@ -91,6 +93,13 @@ class CompressionOptions:
                          "output)")
     resume: bool = option(False, "continue a killed compression into the same --out from its first "
                           "unfinished layer (same input, options and process count)")
+    skip_beta: str = option("none", "dynamic expert skipping (moesvd_vllm/skipping.py): 'none', 'median' (NAEE: "
+                            "per layer the median of w2/w1 on the calibration data) or one beta in [0, 1] for "
+                            "every layer; the server can override it (MOESVD_SKIP_BETA)", parse=parse_skip_beta,
+                            exclusive="skip")
+    skip_target: float | None = option(None, "dynamic expert skipping: per layer the beta that skips this share "
+                                       "of the non-top-1 (token, expert) pairs on the calibration data, in [0, 1)",
+                                       exclusive="skip")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionOptions:
@@ -119,6 +128,7 @@ class CompressionOptions:
             raise OptionsError(f"min_kept_fraction must be in [0, 1], got {self.min_kept_fraction}")
         if self.trim_keep is not None and self.trim_keep < 1:
             raise OptionsError(f"trim_keep must be >= 1, got {self.trim_keep}")
+        self.skip_choice  # a bad --skip-beta / --skip-target fails here
         for name in ("num_samples", "seq_len", "batch_size", "trim_group_size", "baseline_rank_step"):
             if getattr(self, name) < 1:
                 raise OptionsError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -133,6 +143,13 @@ class CompressionOptions:
             raise OptionsError(f"basis_dtype {self.basis_dtype!r} is not 'auto' or one of {BASIS_DTYPES}")
 
     # ----------------------------------------------------------------------------------- resolved values
+    @property
+    def skip_choice(self) -> SkipChoice:
+        try:
+            return SkipChoice(parse_skip_beta(self.skip_beta), self.skip_target)
+        except SkippingError as error:
+            raise OptionsError(str(error)) from None
+
     @property
     def method_class(self) -> type[CompressionMethod]:
         return method_class(self.method)

@@ -118,6 +118,18 @@ class Ranks:
         dist.broadcast_object_list(box, src=src, device=self._object_device())
         return box[0]
 
+    def all_gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's `rows` [n_r, ...] concatenated in rank order (the ranks' row counts may differ)."""
+        if not self.distributed:
+            return rows
+        counts = [0] * self.size
+        dist.all_gather_object(counts, rows.shape[0])
+        padded = torch.zeros((max(counts), *rows.shape[1:]), dtype=rows.dtype, device=self.device)
+        padded[:rows.shape[0]] = rows.to(self.device)
+        gathered = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(gathered, padded)
+        return torch.cat([g[:n] for g, n in zip(gathered, counts)]).to(rows.device)
+
     def barrier(self) -> None:
         if self.distributed:
             if self.device.type == "cuda":

@@ -104,13 +104,13 @@ def summed_nll(model: torch.nn.Module, windows: EvalWindows, batch_size: int = 8
 def evaluate_perplexity(model_dir: str | os.PathLike, text: str, *, seq_len: int = 128,
                         max_tokens: int | None = None, dtype: torch.dtype | str = torch.float32,
                         tokenizer_dir: str | os.PathLike | None = None, add_bos: bool = False,
-                        batch_size: int = 8) -> PerplexityResult:
+                        batch_size: int = 8, skip_beta: str | None = None) -> PerplexityResult:
     """Perplexity of the checkpoint in `model_dir` on `text` (any form the reference loader reads)."""
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     token_ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     bos_token_id = _bos_token_id(tokenizer) if add_bos else None
     windows = make_windows(token_ids, seq_len=seq_len, max_tokens=max_tokens, bos_token_id=bos_token_id)
-    model = load_reference_model(model_dir, dtype=torch_dtype(dtype))
+    model = load_reference_model(model_dir, dtype=torch_dtype(dtype), skip_beta=skip_beta)
     total = summed_nll(model, windows, batch_size=batch_size)
     tokens = windows.scored_tokens
     nll = total / tokens
@@ -131,6 +131,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer directory (default: each MODEL_DIR's own tokenizer)")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON")
+    parser.add_argument("--skip-beta", default=None,
+                        help="dynamic expert skipping: replace the checkpoint's betas (a number in [0, 1] for "
+                             "every MoE layer, 'off', or JSON {layer: beta}; the server's MOESVD_SKIP_BETA)")
 
 
 def _method_of(model_dir: str) -> str:
@@ -155,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         result = evaluate_perplexity(model_dir, text, seq_len=args.seq_len, max_tokens=args.max_tokens,
                                      dtype=args.dtype, tokenizer_dir=args.tokenizer,
-                                     add_bos=args.add_bos, batch_size=args.batch_size)
+                                     add_bos=args.add_bos, batch_size=args.batch_size,
+                                     skip_beta=args.skip_beta)
         seconds = time.perf_counter() - started
         logger.info("%s: ppl %.4f over %d tokens (%.1f s)", model_dir, result.ppl, result.tokens, seconds)
         rows.append({"model": str(model_dir), "method": _method_of(model_dir), **asdict(result),

@@ -49,6 +49,7 @@ from offline.layerwise import LayerInputs, LayerwiseModel
 from offline.methods import CompressedLayer, LayerWork, TensorSink
 from offline.methods.experts import layer_experts
 from offline.report import LayerReport, StageClock, compression_summary, layer_report, write_reports
+from offline.skipping import SkipCalibration
 from offline.sensitivity import (
     LayerShape,
     Plan,
@@ -254,14 +255,18 @@ def _discard(name: str, tensor: torch.Tensor) -> None:
 
 def decomposition_pass(model: LayerwiseModel, calib: CalibrationSet, options: CompressionOptions, plan: Plan,
                        sensitivity: dict[int, LayerSensitivity] | None, writer: CompressedCheckpointWriter | None,
-                       ranks: Ranks | None = None, journal: Journal | None = None
-                       ) -> tuple[dict[str, LayerSpec], list[LayerReport]]:
+                       skip: SkipCalibration | None = None, ranks: Ranks | None = None,
+                       journal: Journal | None = None) -> tuple[dict[str, LayerSpec], list[LayerReport]]:
     """Every layer's tensors to `writer` (None on the ranks that do not write): planned layers compressed
-    by the method, the others copied; the layers after the last planned one are not run. With a `journal`
-    each finished layer is recorded, and the layers it already holds are skipped (a resumed run)."""
+    by the method, the others copied; the layers after the last planned one are not run (unless `skip`
+    calibrates expert skipping on every MoE layer: it watches each MoE layer's routing, offline/skipping.py).
+    With a `journal` each finished layer is recorded, and the layers it already holds are skipped (a
+    resumed run)."""
     ranks = ranks or Ranks()
     stream = embed_calibration(model, calib, options.batch_size, ranks)
-    last_needed = max(plan.ranks)
+    skip = skip or SkipCalibration(options.skip_choice, model.moe_layers)
+    skip.gather = ranks.all_gather_rows  # beta from every rank's routing ratios
+    last_needed = model.num_layers - 1 if skip.active else max(plan.ranks)
     specs: dict[str, LayerSpec] = {}
     reports: list[LayerReport] = []
     finished, start, hidden = (journal.resume_point(DECOMPOSITION, model.device, model.num_layers) if journal
@@ -271,6 +276,8 @@ def decomposition_pass(model: LayerwiseModel, calib: CalibrationSet, options: Co
             specs[str(record["layer"])] = LayerSpec(**record["spec"])
         if record["report"] is not None:
             reports.append(LayerReport(**record["report"]))
+        if record.get("skip") is not None:
+            skip.betas[str(record["layer"])], skip.fractions[str(record["layer"])] = record["skip"]
     if hidden is not None:
         stream.hidden = hidden
     dense = dense_layer_params(model.dims)
@@ -282,14 +289,17 @@ def decomposition_pass(model: LayerwiseModel, calib: CalibrationSet, options: Co
         if index not in plan.ranks:
             _copy_layer_tensors(model, writer, index, set())
             if index <= last_needed:
-                stream.hidden = run_layer(model, model.build_layer(index), index, stream, None, f"layer {index}")
+                layer = model.build_layer(index)
+                with skip.watching(_experts_of(model, layer, index), index, stream.masks):
+                    stream.hidden = run_layer(model, layer, index, stream, None, f"layer {index}")
             if index in model.moe_layers:
                 report = layer_report(index, score, measured, None, dense, model.dims)
         else:
             release_free_heap()
             layer = model.build_layer(index)
-            stats, outputs = collect_statistics(model, layer, index, stream, True, f"layer {index} grams",
-                                                options.routing_weighted, ranks)
+            with skip.watching(model.moe_block(layer).experts, index, stream.masks):
+                stats, outputs = collect_statistics(model, layer, index, stream, True, f"layer {index} grams",
+                                                    options.routing_weighted, ranks)
             write_back = options.propagate == "compressed" and index < last_needed
             replaced = set(expert_tensor_names(model.tensors, model.model_type, index, model.dims.num_experts))
             _copy_layer_tensors(model, writer, index, replaced)
@@ -309,11 +319,16 @@ def decomposition_pass(model: LayerwiseModel, calib: CalibrationSet, options: Co
             reports.append(report)
         if journal is not None:
             more = index < last_needed
-            journal.finish_layer(DECOMPOSITION, index, {"spec": asdict(spec) if spec else None,
-                                                        "report": asdict(report) if report else None,
-                                                        "needs_stream": more},
-                                 stream.hidden if more else None, writer)
+            watched = str(index) in skip.betas
+            journal.finish_layer(DECOMPOSITION, index, {
+                "spec": asdict(spec) if spec else None, "report": asdict(report) if report else None,
+                "skip": [skip.betas[str(index)], skip.fractions[str(index)]] if watched else None,
+                "needs_stream": more}, stream.hidden if more else None, writer)
     return specs, reports
+
+
+def _experts_of(model: LayerwiseModel, layer: nn.Module, index: int) -> nn.Module | None:
+    return model.moe_block(layer).experts if index in model.moe_layers else None
 
 
 # ------------------------------------------------------------------------------------------ compress
@@ -370,20 +385,23 @@ def _compress_journaled(model: LayerwiseModel, calib: CalibrationSet, out_dir: P
                 list(plan.shapes), [(x.rank, x.intermediate) for x in plan.shapes.values()], plan.ratio,
                 options.ratio)
     resumed_at = len(journal.of_kind(DECOMPOSITION)) if options.resume else None  # journaled in order
+    skip = SkipCalibration(options.skip_choice, model.moe_layers)
     if not ranks.is_writer:
-        decomposition_pass(model, calib, options, plan, sensitivity, None, ranks, journal)
+        decomposition_pass(model, calib, options, plan, sensitivity, None, skip, ranks, journal)
         return out_dir
     with CompressedCheckpointWriter(model.raw_config, out_dir, replace=options.force,
                                     max_shard_bytes=options.max_shard_bytes,
                                     partial=resumable_partial_dir(out_dir), resume_from=journal.writer_state(),
                                     keep_on_interrupt=lambda: bool(journal.records)) as writer:
         with clock.stage("decomposition pass"), writer.stage(f"the {options.method} decomposition"):
-            specs, reports = decomposition_pass(model, calib, options, plan, sensitivity, writer, ranks, journal)
+            specs, reports = decomposition_pass(model, calib, options, plan, sensitivity, writer, skip, ranks,
+                                                journal)
         with clock.stage("write"):
             for name in model.non_layer_tensor_names():
                 writer.add(name, model.tensors.get(name), stage=COPIED)
             block = writer.finish(method=options.method, layers=specs, options=options.recorded(),
-                                  calibration=calib.info, side_files_from=model.model_dir)
+                                  calibration=calib.info, side_files_from=model.model_dir,
+                                  skipping=skip.spec())
         summary = compression_summary(model, options, plan, block, calib.info)
         summary.update(world_size=ranks.size, device=ranks.device.type, resumed_at_layer=resumed_at)
         write_reports(writer.directory, summary, reports, clock.stages)

@@ -169,17 +169,28 @@ class PerExpertLowRankExperts(nn.Module):
 
 
 def load_reference_model(model_dir: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32,
-                         attn_implementation: str | None = None) -> PreTrainedModel:
+                         attn_implementation: str | None = None, skip_beta: str | None = None
+                         ) -> PreTrainedModel:
     """Load a dense, shared_basis or per_expert checkpoint as a transformers model in eval mode.
 
     Expert factors use `dtype`; shared bases use the wider of `dtype` and their stored `basis_dtype`.
     Any tensor missing from or unused by the model is an error (never a silent random init).
+    Dynamic expert skipping (offline/skipping.py) uses the checkpoint's `moe_svd.skipping` betas, replaced by
+    `skip_beta` when given (the syntax of the server's MOESVD_SKIP_BETA: a number, "off", or JSON).
     """
+    from moesvd_vllm.skipping import resolve_betas
+    from offline.skipping import install_reference_skipping
+
     dtype = torch_dtype(dtype)
     block = read_moe_svd_config(model_dir)
     if block is None:
-        return _load_dense(Path(model_dir), dtype, attn_implementation)
-    return _load_compressed(Path(model_dir), block, dtype, attn_implementation)
+        model = _load_dense(Path(model_dir), dtype, attn_implementation)
+    else:
+        model = _load_compressed(Path(model_dir), block, dtype, attn_implementation)
+    config = read_config(model_dir)
+    stored = block.skipping.betas if block is not None and block.skipping is not None else None
+    install_reference_skipping(model, resolve_betas(stored, moe_layer_indices(config), skip_beta or ""), config)
+    return model
 
 
 def _experts_implementation(dtype: torch.dtype) -> dict:

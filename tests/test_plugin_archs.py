@@ -62,3 +62,32 @@ def test_bfloat16_checkpoint_served_in_float32_keeps_float32_bases(compressed_ch
     difference = reference_difference(model_dir, served.scores, dtype="float32")
     logger.info("bf16 checkpoint served in float32 vs float32 reference: max |logprob diff| %.2e", difference)
     assert difference <= float32_tolerance(model_dir, served.scores)
+
+
+@pytest.mark.slow
+def test_compressed_qwen3_next_in_bfloat16_matches_reference(compressed_checkpoint, served_scores):
+    """qwen3_next (Gated DeltaNet + gated attention, a gated shared expert): vLLM 0.32 runs its linear
+    attention on CPU in bfloat16 only, so the compressed checkpoint is served in bf16 and compared with the
+    float32 reference of the same bf16 weights, within the bf16 rounding bound of
+    tests/test_vllm_serving_stock.py (greedy tokens compared up to the first near-tie divergence)."""
+    from offline.reference import load_reference_model
+    from tests.support.plugin import max_logprob_difference, prompt_token_ids, reference_score
+    from tests.test_vllm_serving_stock import bf16_logprob_tolerance
+
+    model_dir = compressed_checkpoint("qwen3_next", "banks", dtype="bfloat16")
+    config = read_moe_svd_config(model_dir)
+    assert config.layers and any(s.num_banks < s.num_experts for s in config.layers.values())
+    served = served_scores(model_dir, dtype="bfloat16")
+    import torch
+
+    model = load_reference_model(model_dir, dtype="float32").eval()
+    prompts = prompt_token_ids(model_dir)
+    with torch.no_grad():
+        reference = reference_score(model, prompts)
+        max_logit = max(float(model(torch.tensor([ids])).logits.abs().max()) for ids in prompts)
+    difference = max_logprob_difference(served.scores, reference)
+    tolerance = bf16_logprob_tolerance(max_logit, model.config.num_hidden_layers)
+    logger.info("compressed qwen3_next (bf16): plugin vs float32 reference max |logprob diff| %.2e "
+                "(bf16 bound %.2e), server ready in %.0f s", difference, tolerance, served.startup_seconds)
+    assert served.scores[0].tokens[:2] == reference[0].tokens[:2], "the first greedy tokens differ"
+    assert difference <= tolerance

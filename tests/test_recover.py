@@ -293,3 +293,53 @@ def test_shared_core_fit_improves_on_the_mean_core():
     again, _, end_again = fit_projection(weights, grams, 2, settings, "test")
     assert end < 0.25 * start
     assert end == end_again and torch.equal(factors.core, again.core)
+
+
+@pytest.fixture(scope="module")
+def tiny_shared_core(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(dense tiny qwen3_moe, its shared-core compression at ~60 %)."""
+    from offline.compress import CompressionOptions, compress
+
+    dense = tiny_model_dir("qwen3_moe")
+    options = CompressionOptions(calib=str(KJV / "validation.txt"), num_samples=8, seq_len=32, batch_size=4,
+                                 method="shared-core", ratio=0.6, ratio_tolerance=0.05)
+    return dense, compress(dense, tmp_path_factory.mktemp("shared_core") / "compressed", options)
+
+
+def test_shared_core_checkpoint_is_what_the_reference_computes(tiny_shared_core, tmp_path):
+    """The reference's SharedCoreExperts equal the dense experts they expand to, loaded by plain
+    transformers from the dense-equivalent checkpoint."""
+    from offline.reference import load_reference_model, write_dense_equivalent_checkpoint
+    from offline.shared_core import SharedCoreExperts
+
+    _, compressed = tiny_shared_core
+    block = read_moe_svd_config(compressed)
+    assert {spec.form for spec in block.layers.values()} == {"shared_core"}
+    assert 0.55 <= block.params.ratio <= 0.65
+    model = load_reference_model(compressed)
+    assert all(isinstance(layer.mlp.experts, SharedCoreExperts) for layer in model.model.layers)
+    dense = load_reference_model(write_dense_equivalent_checkpoint(compressed, tmp_path / "dense"))
+    ids = torch.tensor([list(range(1, 40))])
+    with torch.no_grad():
+        got, want = model(ids).logits, dense(ids).logits
+    # float32, two association orders of the same products through 4 layers: ~1e-5 of the logit scale
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_shared_core_is_recoverable(tiny_shared_core, tmp_path):
+    dense, compressed = tiny_shared_core
+    out = recover(compressed, tmp_path / "out", _options(dense, stage2=False))
+    for r in json.loads((out / REPORT_FILE).read_text())["stage1"]["layers"]:
+        assert r["error_after"] < MEASURABLE * r["error_before"]
+    validate_checkpoint_files(out, json.loads((out / "config.json").read_text()), read_moe_svd_config(out))
+
+
+def test_the_plugin_refuses_shared_core(tiny_shared_core):
+    from serve.launch import ServerOptions, ServerStartError, VLLMServer
+
+    _, compressed = tiny_shared_core
+    server = VLLMServer(ServerOptions(model=str(compressed), dtype="float32", enforce_eager=True))
+    with pytest.raises(ServerStartError) as failure:
+        server.start()
+    assert server.process is None
+    assert "shared_core" in str(failure.value) and "cannot be served" in str(failure.value)

@@ -77,5 +77,5 @@ def test_version_1_blocks_still_read_and_unknown_versions_are_refused():
     assert MoESVDConfig.from_dict(_block(1, old)).layer(0).intermediate is None
     new = dict(old, intermediate=128, bases=True)
     assert MoESVDConfig.from_dict(_block(2, new)).layer(0).intermediate == 128
-    with pytest.raises(SchemaError, match=f"{CONFIG_KEY}.format_version: 3"):
-        MoESVDConfig.from_dict(_block(3, new))
+    with pytest.raises(SchemaError, match=f"{CONFIG_KEY}.format_version: 4"):
+        MoESVDConfig.from_dict(_block(4, new))

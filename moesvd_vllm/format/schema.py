@@ -40,12 +40,14 @@ from moesvd_vllm.architectures import MoEDims, moe_layout
 from moesvd_vllm.errors import SchemaError
 
 FORMAT_VERSION = 2  # 2 added LayerSpec.intermediate and LayerSpec.bases
-READABLE_FORMAT_VERSIONS = (1, 2)
+SKIPPING_FORMAT_VERSION = 3  # 3 added the optional `skipping` block (written only when present)
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 CONFIG_KEY = "moe_svd"
 RANK_MULTIPLE = 32  # vLLM's CPU fused-MoE kernel needs the expert hidden size (here: r) % 32 == 0
 INTERMEDIATE_MULTIPLE = 8  # kept intermediate neurons per expert: a multiple of this (vLLM pads to its tiles)
 
 FORMS = ("shared_basis", "per_expert", "shared_core")
+BETA_SELECTIONS = ("median_ratio", "target_fraction", "fixed")
 BASIS_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -153,6 +155,45 @@ class CalibrationInfo:
 
 
 @dataclass(frozen=True)
+class SkippingSpec:
+    """Dynamic expert skipping (moesvd_vllm/skipping.py): per MoE layer, a token keeps its top-1 expert and
+    every other chosen expert whose routing weight is >= beta x the top-1 weight."""
+
+    betas: dict[str, float]  # MoE layer index (string) -> beta in [0, 1]; every MoE layer, no other
+    selection: str  # how the compressor chose them: BETA_SELECTIONS
+    target_skip_fraction: float | None = None  # selection "target_fraction": the requested share
+    calibration_skip_fraction: dict[str, float] | None = None  # measured share of non-top-1 pairs skipped
+
+    def validate(self, where: str) -> None:
+        fix = ("re-run the compressor with --skip-beta in [0, 1] or --skip-target in [0, 1), or override at "
+               "server start with MOESVD_SKIP_BETA (docs/format.md)")
+        if self.selection not in BETA_SELECTIONS:
+            raise SchemaError(f"{where}.selection: {self.selection!r} is not one of {BETA_SELECTIONS}")
+        if not isinstance(self.betas, dict) or not self.betas:
+            raise SchemaError(f"{where}.betas: expected an object {{layer index: beta}}; {fix}")
+        for key, beta in self.betas.items():
+            if not str(key).isdigit():
+                raise SchemaError(f"{where}.betas: key {key!r} is not a layer index; {fix}")
+            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+                raise SchemaError(
+                    f"{where}.betas.{key}: beta must be a number in [0, 1] (0 keeps every chosen expert, 1 only "
+                    f"the top-1), got {beta!r}; {fix}")
+        target = self.target_skip_fraction
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                                   or not 0.0 <= target < 1.0):
+            raise SchemaError(f"{where}.target_skip_fraction: must be in [0, 1) or null, got {target!r}")
+
+    def validate_layers(self, moe_layers: list[int], where: str) -> None:
+        """One beta per MoE layer of the model (the reader calls this with config.json's MoE layers)."""
+        have, want = sorted(int(k) for k in self.betas), sorted(moe_layers)
+        if have != want:
+            raise SchemaError(
+                f"{where}.betas: {len(have)} beta(s) for layers {have}, but the model's MoE layers are {want} "
+                f"({len(want)}); the block belongs to another model or was edited. Re-run the compressor on "
+                "this model, or give one beta per MoE layer")
+
+
+@dataclass(frozen=True)
 class MoESVDConfig:
     """The `moe_svd` block of a compressed checkpoint's config.json."""
 
@@ -163,6 +204,7 @@ class MoESVDConfig:
     params: ParamCounts
     options: dict[str, Any] = field(default_factory=dict)  # the compressor's options, as run
     calibration: CalibrationInfo | None = None
+    skipping: SkippingSpec | None = None  # format version 3
 
     @classmethod
     def from_dict(cls, data: Any) -> "MoESVDConfig":
@@ -183,7 +225,12 @@ class MoESVDConfig:
         params = _from_dict(ParamCounts, cfg.params, f"{where}.params")
         calib = (None if cfg.calibration is None
                  else _from_dict(CalibrationInfo, cfg.calibration, f"{where}.calibration"))
-        out = dataclasses.replace(cfg, layers=layers, params=params, calibration=calib)
+        skipping = (None if cfg.skipping is None
+                    else _from_dict(SkippingSpec, cfg.skipping, f"{where}.skipping"))
+        if skipping is not None:
+            skipping = dataclasses.replace(skipping, betas={str(k): v for k, v in skipping.betas.items()}
+                                           if isinstance(skipping.betas, dict) else skipping.betas)
+        out = dataclasses.replace(cfg, layers=layers, params=params, calibration=calib, skipping=skipping)
         out.validate()
         return out
 
@@ -197,6 +244,11 @@ class MoESVDConfig:
             raise SchemaError(f"{CONFIG_KEY}.original_architectures: must name the original class")
         for key, spec in self.layers.items():
             spec.validate(f"{CONFIG_KEY}.layers.{key}")
+        if self.skipping is not None:
+            if self.format_version < SKIPPING_FORMAT_VERSION:
+                raise SchemaError(f"{CONFIG_KEY}.skipping: needs format_version >= {SKIPPING_FORMAT_VERSION}, "
+                                  f"the block says {self.format_version}")
+            self.skipping.validate(f"{CONFIG_KEY}.skipping")
         p = self.params
         if not (0 < p.expert_compressed and 0 < p.expert_dense):
             raise SchemaError(f"{CONFIG_KEY}.params: counts must be positive, got {p}")

@@ -22,7 +22,7 @@ from typing import Any
 from moesvd_vllm.architectures import MoEDims, moe_dims, moe_layer_indices, moe_layout
 from moesvd_vllm.errors import CheckpointError
 from moesvd_vllm.format.safetensors_io import checkpoint_tensor_infos, dtype_name
-from moesvd_vllm.format.schema import CONFIG_KEY, LayerSpec, MoESVDConfig, expected_layer_tensors
+from moesvd_vllm.format.schema import CONFIG_KEY, LayerSpec, MoESVDConfig, expected_layer_tensors, SchemaError
 
 logger = logging.getLogger("vllm.moesvd_vllm.format.validator")
 
@@ -66,6 +66,11 @@ class CheckpointValidator:
         present = None if layer_indices is None else set(layer_indices)
         moe = None if moe_layers is None else sorted(moe_layers)
         self.layers: dict[int, _Layer] = {}
+        if moe is not None and config.skipping is not None:
+            try:
+                config.skipping.validate_layers(moe, f"{CONFIG_KEY}.skipping")
+            except SchemaError as error:
+                raise CheckpointMismatchError(f"{error}. {fix}") from None
         for index in config.decomposed_layers:
             spec = config.layer(index)
             if moe is not None and index not in moe:

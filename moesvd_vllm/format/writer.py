@@ -42,6 +42,8 @@ from moesvd_vllm.format.safetensors_io import (
 from moesvd_vllm.format.schema import (
     CONFIG_KEY,
     FORMAT_VERSION,
+    SKIPPING_FORMAT_VERSION,
+    SkippingSpec,
     CalibrationInfo,
     LayerSpec,
     MoESVDConfig,
@@ -74,7 +76,8 @@ def plugin_architectures(config: Mapping[str, Any]) -> list[str]:
 
 
 def moe_svd_block(config: Mapping[str, Any], method: str, layers: Mapping[str, LayerSpec],
-                  options: Mapping[str, Any], calibration: CalibrationInfo | None = None) -> MoESVDConfig:
+                  options: Mapping[str, Any], calibration: CalibrationInfo | None = None,
+                  skipping: SkippingSpec | None = None) -> MoESVDConfig:
     """The `moe_svd` block of a checkpoint of `config` with decomposed `layers`, read back by the strict
     reader after a JSON round trip (what we write is what the plugin accepts)."""
     dims = moe_dims(dict(config))
@@ -83,10 +86,10 @@ def moe_svd_block(config: Mapping[str, Any], method: str, layers: Mapping[str, L
     compressed = sum(decomposed_layer_params(layers[str(i)], dims) if str(i) in layers else dense
                      for i in moe_layers)
     block = MoESVDConfig(
-        format_version=FORMAT_VERSION, method=method,
+        format_version=FORMAT_VERSION if skipping is None else SKIPPING_FORMAT_VERSION, method=method,
         original_architectures=list(config.get("architectures") or []), layers=dict(layers),
         params=ParamCounts(expert_dense=dense * len(moe_layers), expert_compressed=compressed),
-        options=dict(options), calibration=calibration)
+        options=dict(options), calibration=calibration, skipping=skipping)
     return MoESVDConfig.from_dict(json.loads(json.dumps(block.to_dict())))
 
 
@@ -201,10 +204,11 @@ class CompressedCheckpointWriter:
 
     def finish(self, *, method: str, layers: Mapping[str, LayerSpec], options: Mapping[str, Any],
                calibration: CalibrationInfo | None = None,
-               side_files_from: str | os.PathLike | None = None) -> MoESVDConfig:
+               side_files_from: str | os.PathLike | None = None,
+               skipping: SkippingSpec | None = None) -> MoESVDConfig:
         """Check the written tensors against the block, then write the last shard, the index, config.json
         (plugin architecture + `moe_svd` block) and the side files of `side_files_from`."""
-        block = moe_svd_block(self.source_config, method, layers, options, calibration)
+        block = moe_svd_block(self.source_config, method, layers, options, calibration, skipping)
         validator = CheckpointValidator.for_config(self.source_config, block, fix=WRITER_FIX)
         for name, (shape, dtype) in self.written.items():
             validator.check(name, shape, dtype)
