@@ -69,7 +69,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=256 * 2048, help="calibration tokens (paper: 256 x 2048)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--rank", type=int, default=1216, help="shared-basis rank r")
+    parser.add_argument("--rank", type=int, default=1600, help="shared-basis rank r")
     parser.add_argument("--kept", type=int, default=384, help="kept intermediate neurons I'")
     args = parser.parse_args()
     s = Shape()
