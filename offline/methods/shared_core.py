@@ -32,7 +32,7 @@ class SharedCore(CompressionMethod):
 
     def compress_layer(self, work: LayerWork) -> CompressedLayer:
         experts = layer_experts(work.model, work.layer)
-        grams = ExpertGrams(work.stats, self.options)
+        grams = ExpertGrams(work.stats, self.options, work.ranks)  # summed on every rank: the fit repeats there
         rank, num_experts = work.shape.rank, work.dims.num_experts
         factors, errors = fit_shared_core(experts.gate, experts.up, experts.down, grams.input, grams.mid, rank,
                                           FitSettings(seed=self.options.seed), f"layer {work.index}")
