@@ -98,6 +98,9 @@ def run_all(model_dir: Path, work: Path, out: Path, methods, ratios, seeds, seq_
 
 
 def _spread(values: list[float], digits: int = 2) -> str:
+    """Mean and, over several seeds, [min-max]."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
     return f"{mean(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
 
 
