@@ -35,7 +35,7 @@ TOKENS = (1, 32, 512)
 def skip_only_copy(dense_dir: Path, out: Path) -> Path:
     """`dense_dir` with the plugin architecture and a skipping block (tensors linked, not copied)."""
     from moesvd_vllm.architectures import moe_layer_indices
-    from moesvd_vllm.format.safetensors_io import read_config, write_config
+    from moesvd_vllm.format.directories import read_config, write_config
     from moesvd_vllm.format.schema import CONFIG_KEY, SkippingSpec
     from moesvd_vllm.format.writer import moe_svd_block, plugin_architectures
 

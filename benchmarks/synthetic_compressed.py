@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from moesvd_vllm.architectures import moe_dims, moe_layer_indices, moe_layout
-from moesvd_vllm.format.safetensors_io import open_safetensors, read_config, tensor_files, torch_dtype
+from moesvd_vllm.format.safetensors_io import open_safetensors, tensor_files, torch_dtype
+from moesvd_vllm.format.directories import read_config
 from moesvd_vllm.format.schema import LayerSpec, expected_layer_tensors
 from moesvd_vllm.format.writer import COPIED, CompressedCheckpointWriter
 

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moesvd_vllm.errors import MoESVDError
-    from moesvd_vllm.format.safetensors_io import OutputExistsError
+    from moesvd_vllm.format.directories import OutputExistsError
     from moesvd_vllm.format.schema import read_moe_svd_config
     from offline.compress import CompressionOptions, compress
 

@@ -48,11 +48,11 @@ def add_skipping(model_dir: str | os.PathLike, out_dir: str | os.PathLike, optio
     import dataclasses
 
     from moesvd_vllm.architectures import require_servable
-    from moesvd_vllm.format.safetensors_io import check_output_dir
+    from moesvd_vllm.format.directories import check_output_dir
     from moesvd_vllm.format.writer import COPIED, CompressedCheckpointWriter
-    from offline.calibration import load_calibration
+    from offline.calibration_data import load_calibration
     from offline.layerwise import LayerwiseModel
-    from offline.pipeline import embed_calibration, run_layer
+    from offline.calibration_stream import embed_calibration, run_layer
     from offline.skipping import SkipCalibration, SkippingError
 
     choice = options.choice
@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moesvd_vllm.errors import MoESVDError
-    from moesvd_vllm.format.safetensors_io import OutputExistsError
+    from moesvd_vllm.format.directories import OutputExistsError
     from moesvd_vllm.format.schema import read_moe_svd_config
 
     try:

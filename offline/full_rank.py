@@ -36,7 +36,8 @@ import torch
 from tqdm import tqdm
 
 from moesvd_vllm.architectures import MoEDims, moe_dims, moe_layer_indices, moe_layout
-from moesvd_vllm.format.safetensors_io import DEFAULT_MAX_SHARD_BYTES, read_config, torch_dtype, write_checkpoint
+from moesvd_vllm.format.safetensors_io import DEFAULT_MAX_SHARD_BYTES, torch_dtype
+from moesvd_vllm.format.directories import read_config, write_checkpoint
 from moesvd_vllm.format.schema import CONFIG_KEY, RANK_MULTIPLE, LayerSpec, SchemaError
 from moesvd_vllm.format.writer import COPIED, CompressedCheckpointWriter
 from offline.expert_tensors import (

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from moesvd_vllm.errors import MoESVDError
-from moesvd_vllm.format.safetensors_io import resumable_partial_dir, weight_files
+from moesvd_vllm.format.safetensors_io import weight_files
+from moesvd_vllm.format.directories import resumable_partial_dir
 from offline.distributed import Ranks
 
 logger = logging.getLogger(__name__)

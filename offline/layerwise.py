@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from moesvd_vllm.architectures import MoEDims, module_moe_block, moe_dims, moe_layer_indices, moe_layout
-from moesvd_vllm.format.safetensors_io import read_config, verify_weight_files
+from moesvd_vllm.format.safetensors_io import verify_weight_files
+from moesvd_vllm.format.directories import read_config
 from offline.checkpoint_io import CheckpointError, disk_name, layer_state_dict
 from offline.expert_tensors import CheckpointTensors, read_fused_experts
 

@@ -6,7 +6,7 @@ The calibration windows are embedded once; then, layer by layer, the layer is bu
 hooks that collect its routed experts' statistics (offline/calibration.py), handed to the method, and its
 outputs become the next layer's inputs (llm-compressor's sequential pipeline). The stages, each timed with
 its peak RSS in report.md/json:
-1. calibration data: tokenized and sampled (offline.calibration);
+1. calibration data: tokenized and sampled (offline.calibration_data);
 2. sensitivity pass (methods that select layers): f_i (Eq. 9), r_i and a_i (Eq. 10) per expert and S_L
    (Eq. 4) per MoE layer, dense outputs passed on;
 3. plan: which layers are compressed and to which shapes, from the method's candidate shapes and
@@ -32,12 +32,14 @@ from torch import nn
 from tqdm import tqdm
 
 from moesvd_vllm.architectures import require_servable
-from moesvd_vllm.format.safetensors_io import check_output_dir, resumable_partial_dir
+from moesvd_vllm.format.directories import check_output_dir, resumable_partial_dir
 from moesvd_vllm.format.schema import LayerSpec, decomposed_layer_params, dense_layer_params, expected_layer_tensors
 from moesvd_vllm.format.writer import COPIED, CompressedCheckpointWriter
 from offline import decompose as dec
 from offline import distributed
-from offline.calibration import CalibrationSet, ExpertStatistics, ExpertStatisticsHook, load_calibration
+from offline.calibration import ExpertStatistics, ExpertStatisticsHook
+from offline.calibration_data import CalibrationSet, load_calibration
+from offline.calibration_stream import collect_statistics, embed_calibration, run_layer
 from offline.checkpoint_io import expert_tensor_names
 from offline.compression_options import CompressionOptions
 from offline.devices import resolve_device
@@ -45,7 +47,7 @@ from offline.distributed import Ranks
 from offline.expert_tensors import LayerExperts
 from offline.heap import release_free_heap
 from offline.journal import Journal, run_fingerprint, sensitivity_from_measurements, sensitivity_measurements
-from offline.layerwise import LayerInputs, LayerwiseModel
+from offline.layerwise import LayerwiseModel
 from offline.methods import CompressedLayer, LayerWork, TensorSink
 from offline.methods.experts import layer_experts
 from offline.report import LayerReport, StageClock, compression_summary, layer_report, write_reports
@@ -62,69 +64,6 @@ from offline.sensitivity import (
 logger = logging.getLogger(__name__)
 
 SENSITIVITY, DECOMPOSITION = "sensitivity", "decomposition"  # the passes' names in the journal
-
-
-# ------------------------------------------------------------------------------------------ batches
-def calibration_batches(calib: CalibrationSet, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input ids, attention mask) of consecutive `batch_size` windows."""
-    return [(calib.input_ids[i:i + batch_size], calib.attention_mask[i:i + batch_size])
-            for i in range(0, calib.input_ids.shape[0], batch_size)]
-
-
-@dataclass
-class HiddenStream:
-    """Hidden states of all calibration batches at the current layer, with each batch's layer inputs."""
-
-    hidden: list[torch.Tensor]
-    inputs: list[LayerInputs]
-    masks: list[torch.Tensor]  # [B, L] bool, True = real token
-
-
-def embed_calibration(model: LayerwiseModel, calib: CalibrationSet, batch_size: int,
-                      ranks: Ranks | None = None) -> HiddenStream:
-    """The stream at the first decoder layer: embeddings, masks and rotary embeddings per batch (this
-    rank's batches: every `ranks.size`-th)."""
-    hidden, inputs, masks = [], [], []
-    for ids, mask in (ranks or Ranks()).my_share(calibration_batches(calib, batch_size)):
-        mask = mask.to(model.device)
-        h = model.embed(ids)
-        hidden.append(h)
-        inputs.append(model.layer_inputs(h, mask))
-        masks.append(mask.bool())
-    return HiddenStream(hidden, inputs, masks)
-
-
-def run_layer(model: LayerwiseModel, layer: nn.Module, index: int, stream: HiddenStream,
-              hook: ExpertStatisticsHook | None, desc: str) -> list[torch.Tensor]:
-    """The layer's outputs on every batch of `stream` (the hook, when given, sees only real tokens)."""
-    outputs = []
-    for h, inp, mask in tqdm(list(zip(stream.hidden, stream.inputs, stream.masks)), desc=desc,
-                             leave=False, disable=None):
-        if hook is not None:
-            hook.token_mask = mask.reshape(-1)
-        outputs.append(model.run_layer(layer, index, h, inp))
-    return outputs
-
-
-def collect_statistics(model: LayerwiseModel, layer: nn.Module, index: int, stream: HiddenStream,
-                       collect_grams: bool, desc: str, routing_weighted: bool = False,
-                       ranks: Ranks | None = None) -> tuple[ExpertStatistics, list[torch.Tensor]]:
-    """Run the layer with the statistics hook on its routed experts: (statistics, outputs), the sums
-    added up over `ranks`. With `collect_grams` the routed inputs are kept for the per-expert Grams."""
-    dims = model.dims
-    stats = ExpertStatistics(dims.num_experts, dims.hidden, dims.intermediate, collect_grams=collect_grams,
-                             routing_weighted=routing_weighted, device=model.device)
-    experts = model.moe_block(layer).experts
-    hook = ExpertStatisticsHook(stats, experts)
-    # after each batch: the per-expert temporaries of the forward and the hook vary in size
-    trim = experts.register_forward_hook(lambda *_: release_free_heap())
-    try:
-        outputs = run_layer(model, layer, index, stream, hook, desc)
-    finally:
-        hook.remove()
-        trim.remove()
-    stats.sum_over_ranks(ranks or Ranks())
-    return stats, outputs
 
 
 # ------------------------------------------------------------------------------------------ sensitivity pass

@@ -249,7 +249,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesvd_vllm.format.safetensors_io import OutputExistsError
+    from moesvd_vllm.format.directories import OutputExistsError
 
     try:
         out = recover(args.compressed_dir, args.out, from_arguments(RecoveryOptions, args))

@@ -17,14 +17,14 @@ from typing import Any
 
 from moesvd_vllm.architectures import MoEDims, moe_dims, moe_layout
 from moesvd_vllm.errors import ArchitectureError, CheckpointError, MoESVDError
-from moesvd_vllm.format.safetensors_io import check_output_dir
+from moesvd_vllm.format.directories import check_output_dir
 from moesvd_vllm.format.schema import (
     CONFIG_KEY,
     MoESVDConfig,
     decomposed_layer_params,
     expected_layer_tensors,
 )
-from moesvd_vllm.format.safetensors_io import read_config
+from moesvd_vllm.format.directories import read_config
 from offline.expert_tensors import CheckpointTensors, fused_expert_names, per_expert_names
 
 _SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "num_key_value_heads",

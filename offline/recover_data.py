@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from moesvd_vllm.errors import MoESVDError
-from offline.calibration import read_calibration_texts, tokenize_corpus
+from offline.calibration_data import read_calibration_texts, tokenize_corpus
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from torch import nn
 from moesvd_vllm.architectures import MoEDims, moe_layout
 from moesvd_vllm.format.schema import LayerSpec, MoESVDConfig
 from offline.checkpoint_io import disk_name
-from moesvd_vllm.format.safetensors_io import read_config
+from moesvd_vllm.format.directories import read_config
 from offline.expert_tensors import CheckpointTensors, moe_prefix
-from offline.reference import PerExpertLowRankExperts, SharedBasisExperts, _build_compressed_experts
+from offline.reference import PerExpertLowRankExperts, SharedBasisExperts, build_compressed_experts
 from offline.shared_core import SharedCoreExperts, tensor_names
 
 _ROUTER_MODULE_NAMES = ("gate", "router")  # transformers 5: Qwen/Mixtral-style `gate`, PhiMoE `router`
@@ -121,7 +121,7 @@ class CompressedSource:
 
     def build_experts(self, layer_index: int, act_fn, dtype: torch.dtype) -> nn.Module:
         """The decomposed layer's experts module, parameters = the stored tensors (frozen)."""
-        module, _ = _build_compressed_experts(self.tensors, self.model_type, layer_index, self.spec(layer_index),
+        module, _ = build_compressed_experts(self.tensors, self.model_type, layer_index, self.spec(layer_index),
                                               self.dims, act_fn, dtype)
         return module
 

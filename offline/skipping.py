@@ -26,7 +26,6 @@ from torch import nn
 from moesvd_vllm.architectures import architecture, module_moe_block, moe_layer_indices
 from moesvd_vllm.errors import MoESVDError
 from moesvd_vllm.format.schema import SkippingSpec
-from moesvd_vllm.options import option
 from moesvd_vllm.skipping import SkippingError, check_beta, keep_mask, kept_weights
 
 logger = logging.getLogger(__name__)
@@ -197,6 +196,6 @@ class SkipOnlyError(MoESVDError):
 
 
 def moe_layers_of(model_dir: str | os.PathLike) -> list[int]:
-    from moesvd_vllm.format.safetensors_io import read_config
+    from moesvd_vllm.format.directories import read_config
 
     return moe_layer_indices(read_config(Path(model_dir)))

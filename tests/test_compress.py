@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 
 from moesvd_vllm.architectures import PLUGIN_ARCHITECTURES, moe_dims, moe_layer_indices, moe_layout
 from moesvd_vllm.errors import CheckpointError
-from moesvd_vllm.format.safetensors_io import OutputExistsError, read_config
+from moesvd_vllm.format.directories import OutputExistsError, read_config
 from moesvd_vllm.format.schema import SchemaError, read_moe_svd_config
-from offline.calibration import CalibrationError
+from offline.calibration_data import CalibrationError
 from offline.compress import CompressionOptions, OptionsError, compress
 from offline.decompose import WhiteningError
 from offline.expert_tensors import CheckpointTensors
@@ -212,7 +212,8 @@ def test_compressed_checkpoint_runs_in_the_reference_model(tiny_model_dir, tmp_p
     """offline.reference reads what we wrote; its experts approximate the dense ones.
     (Logits of a random tiny model are too chaotic to bound: 7 % weight error moves them ~90 %.)"""
     from offline.expert_tensors import read_layer_experts
-    from offline.reference import expand_to_dense_state_dict, load_reference_model
+    from offline.reference import load_reference_model
+    from offline.dense_expansion import expand_to_dense_state_dict
 
     dense_dir = tiny_model_dir("qwen3_moe")
     out = compress(dense_dir, tmp_path / "out", _options(ratio=0.2))

@@ -11,7 +11,8 @@ from moesvd_vllm.architectures import MoEDims
 
 from moesvd_vllm.format.schema import LayerSpec, decomposed_layer_params, dense_layer_params
 from offline import decompose as dec
-from offline.calibration import ExpertStatistics, ExpertStatisticsHook, sample_windows, CalibrationError
+from offline.calibration import ExpertStatistics, ExpertStatisticsHook
+from offline.calibration_data import sample_windows, CalibrationError
 from offline.sensitivity import (
     LayerShape,
     RatioError,

@@ -22,14 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moesvd_vllm.errors import CheckpointError, NonFiniteTensorError
-from moesvd_vllm.format.safetensors_io import (
-    INDEX_FILE,
-    atomic_directory,
-    checkpoint_tensor_infos,
-    read_config,
-    tensor_infos,
-    verify_weight_files,
-)
+from moesvd_vllm.format.safetensors_io import INDEX_FILE, checkpoint_tensor_infos, tensor_infos, verify_weight_files
+from moesvd_vllm.format.directories import atomic_directory, read_config
 from moesvd_vllm.format.schema import LayerSpec, MoESVDConfig, ParamCounts, read_moe_svd_config
 from moesvd_vllm.format.validator import CheckpointMismatchError, CheckpointValidator, validate_checkpoint_files
 from moesvd_vllm.format.writer import COPIED, CompressedCheckpointWriter

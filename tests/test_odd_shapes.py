@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moesvd_vllm.architectures import moe_dims, moe_layer_indices, moe_layout
-from moesvd_vllm.format.safetensors_io import read_config
+from moesvd_vllm.format.directories import read_config
 from moesvd_vllm.format.schema import read_moe_svd_config
 from offline.compress import CompressionOptions, compress
 from offline.fixtures.tiny import build_tiny_checkpoint

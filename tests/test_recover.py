@@ -309,7 +309,8 @@ def tiny_shared_core(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
 def test_shared_core_checkpoint_is_what_the_reference_computes(tiny_shared_core, tmp_path):
     """The reference's SharedCoreExperts equal the dense experts they expand to, loaded by plain
     transformers from the dense-equivalent checkpoint."""
-    from offline.reference import load_reference_model, write_dense_equivalent_checkpoint
+    from offline.reference import load_reference_model
+    from offline.dense_expansion import write_dense_equivalent_checkpoint
     from offline.shared_core import SharedCoreExperts
 
     _, compressed = tiny_shared_core

@@ -35,17 +35,12 @@ from moesvd_vllm.format.schema import (
     read_moe_svd_config,
 
 )
-from moesvd_vllm.format.safetensors_io import read_config
+from moesvd_vllm.format.directories import read_config
 from offline.expert_tensors import CheckpointTensors
 from offline.fixtures.tiny import TINY_ARCHS, build_tiny_checkpoint, tiny_dims
 from offline.full_rank import write_expanded_dense_checkpoint, write_full_rank_checkpoint
-from offline.reference import (
-    CheckpointError,
-    SharedBasisExperts,
-    expand_to_dense_state_dict,
-    load_reference_model,
-    write_dense_equivalent_checkpoint,
-)
+from offline.reference import CheckpointError, SharedBasisExperts, load_reference_model
+from offline.dense_expansion import expand_to_dense_state_dict, write_dense_equivalent_checkpoint
 from tests.support.tolerance import forward_tolerance
 
 ARCHS = ["qwen3_moe", "mixtral"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moesvd_vllm.format.safetensors_io import read_config
+from moesvd_vllm.format.directories import read_config
 from offline.compress import CompressionOptions, compress
 from offline.devices import DeviceError, resolve_device
 

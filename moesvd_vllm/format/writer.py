@@ -31,14 +31,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from moesvd_vllm.architectures import PLUGIN_ARCHITECTURES, moe_dims, moe_layer_indices
 from moesvd_vllm.errors import ArchitectureError, CheckpointError, NonFiniteTensorError
-from moesvd_vllm.format.safetensors_io import (
-    DEFAULT_MAX_SHARD_BYTES,
-    ShardedSafetensorsWriter,
-    atomic_directory,
-    copy_side_files,
-    dtype_name,
-    write_config,
-)
+from moesvd_vllm.format.safetensors_io import DEFAULT_MAX_SHARD_BYTES, ShardedSafetensorsWriter, dtype_name
+from moesvd_vllm.format.directories import atomic_directory, copy_side_files, write_config
 from moesvd_vllm.format.schema import (
     CONFIG_KEY,
     FORMAT_VERSION,

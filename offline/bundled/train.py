@@ -29,7 +29,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from moesvd_vllm.format.safetensors_io import atomic_directory
+from moesvd_vllm.format.directories import atomic_directory
 from offline.bundled.corpus import read_documents
 from offline.bundled.evaluate import END_OF_TEXT, TRAIN_SEQ_LEN, model_nll, split_windows, token_stream
 
