@@ -20,15 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+
+from offline.expert_tensors import CheckpointTensors
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(path, "pt") as f:
-            out.update({name: f.get_tensor(name) for name in f.keys()})
-    return out
+    tensors = CheckpointTensors(directory)
+    return {name: tensors.get(name) for name in tensors.names()}
 
 
 def largest_difference(reference: Path, other: Path) -> float:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from moesvd_vllm.format.directories import read_config
 from offline.compress import CompressionOptions, compress
 from offline.devices import DeviceError, resolve_device
+from offline.expert_tensors import CheckpointTensors
 
 REPO = Path(__file__).resolve().parent.parent
 CALIB = REPO / "offline" / "bundled" / "kjv_text" / "validation.txt"
@@ -34,11 +34,8 @@ SAME_CHECKPOINT_RTOL = 1e-4
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(path, "pt") as f:
-            out.update({name: f.get_tensor(name) for name in f.keys()})
-    return out
+    tensors = CheckpointTensors(directory)
+    return {name: tensors.get(name) for name in tensors.names()}
 
 
 def _assert_same_checkpoint(a: Path, b: Path, rtol: float) -> None:
