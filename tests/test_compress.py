@@ -434,7 +434,7 @@ def test_sharded_input_compresses(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_run_leaves_nothing_behind(tiny_model_dir, tmp_path, sig):
+def test_interrupted_run_leaves_nothing_that_looks_finished(tiny_model_dir, tmp_path, sig):
     model = tiny_model_dir("qwen3_moe")
     work = tmp_path / "work"
     work.mkdir()
@@ -451,7 +451,15 @@ def test_interrupted_run_leaves_nothing_behind(tiny_model_dir, tmp_path, sig):
     proc.send_signal(sig)
     output = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode != 0, output[-2000:]
-    assert _entries(work) == set(), output[-2000:]
+    left = _entries(work)
+    # Nothing that looks like a checkpoint. Interrupted before its first finished layer the run leaves
+    # nothing; after it, the hidden partial output and its journal stay for `--resume` (preemption:
+    # docs/performance.md, "Compression at scale"), and the log says so. Which one depends on timing.
+    assert all(name.startswith(".") for name in left), (left, output[-2000:])
+    if left:
+        assert left == {".out.partial", ".out.journal"}, (left, output[-2000:])
+        assert not (work / ".out.partial" / "config.json").exists()
+        assert "`--resume` continues" in output, output[-2000:]
 
 
 def test_fused_expert_tensors_are_read(tiny_model_dir, tmp_path):
