@@ -17,11 +17,14 @@ once a layer is journaled (`--resume` continues, `--force` starts over).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,8 +32,8 @@ from typing import Any
 import torch
 
 from moesvd_vllm.errors import MoESVDError
-from moesvd_vllm.format.safetensors_io import weight_files
 from moesvd_vllm.format.directories import resumable_partial_dir
+from moesvd_vllm.format.safetensors_io import weight_files
 from offline.distributed import Ranks
 
 logger = logging.getLogger(__name__)
@@ -96,6 +99,28 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
             if number < len(lines) - 1 and any(rest.strip() for rest in lines[number + 1:]):
                 raise ResumeError(f"{path}: line {number + 1} is damaged; start over with --force") from None
     return records
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold Ctrl-C and SIGTERM while a journal line is written and recorded, then deliver them.
+
+    Interrupted in between, the file would hold a finished layer that the run's records lack, and the
+    interrupt handler (which keeps the partial output only when a layer is recorded) would delete it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in held:  # through the restored handlers (KeyboardInterrupt, SystemExit, or ignored)
+            signal.raise_signal(sig)
 
 
 class Journal:
@@ -164,9 +189,10 @@ class Journal:
     # ----------------------------------------------------------------------------------- records
     def append(self, record: dict[str, Any]) -> None:
         """Record a finished stage or layer (rank 0; all ranks keep the record)."""
-        if self.ranks.is_writer:
-            self._append_line(self.directory / JOURNAL_FILE, record)
-        self.records.append(record)
+        with _interrupts_held():
+            if self.ranks.is_writer:
+                self._append_line(self.directory / JOURNAL_FILE, record)
+            self.records.append(record)
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r.get("kind") == kind]

@@ -28,6 +28,7 @@ from offline.compress import CompressionOptions, OptionsError, compress
 from offline.decompose import WhiteningError
 from offline.expert_tensors import CheckpointTensors
 from offline.sensitivity import RatioError
+from tests.support.signals import default_sigint
 
 REPO = Path(__file__).resolve().parent.parent
 CALIB = REPO / "offline" / "bundled" / "kjv_text" / "validation.txt"
@@ -434,7 +435,10 @@ def test_sharded_input_compresses(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_run_leaves_nothing_that_looks_finished(tiny_model_dir, tmp_path, sig):
+def test_interrupted_run_leaves_nothing_that_looks_finished_and_resumes(tiny_model_dir, tmp_path, sig):
+    """Ctrl-C / SIGTERM (preemption) once a layer is journaled: nothing at the output path, the hidden
+    partial output and its journal kept, the log says `--resume`; `--resume` then finishes the checkpoint.
+    (An error instead removes both: tests/test_scale.py.)"""
     model = tiny_model_dir("qwen3_moe")
     work = tmp_path / "work"
     work.mkdir()
@@ -442,24 +446,23 @@ def test_interrupted_run_leaves_nothing_that_looks_finished(tiny_model_dir, tmp_
            "--ratio", "0.4", "--calib", str(CALIB), "--method", "whitened-svd", "--num-samples", "64",
            "--seq-len", "64"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=default_sigint)
+    journal = work / ".out.journal" / "journal.jsonl"
     deadline = time.monotonic() + 300
-    while not any(p.name.endswith(".partial") for p in work.iterdir()):
+    while not (journal.exists() and '"kind":"decomposition"' in journal.read_text()):
         assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "the temporary output directory never appeared"
-        time.sleep(0.05)
+        assert time.monotonic() < deadline, "no layer was journaled"
+        time.sleep(0.02)
     proc.send_signal(sig)
     output = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode != 0, output[-2000:]
-    left = _entries(work)
-    # Nothing that looks like a checkpoint. Interrupted before its first finished layer the run leaves
-    # nothing; after it, the hidden partial output and its journal stay for `--resume` (preemption:
-    # docs/performance.md, "Compression at scale"), and the log says so. Which one depends on timing.
-    assert all(name.startswith(".") for name in left), (left, output[-2000:])
-    if left:
-        assert left == {".out.partial", ".out.journal"}, (left, output[-2000:])
-        assert not (work / ".out.partial" / "config.json").exists()
-        assert "`--resume` continues" in output, output[-2000:]
+    assert _entries(work) == {".out.partial", ".out.journal"}, output[-2000:]
+    assert not (work / ".out.partial" / "config.json").exists()
+    assert "`--resume` continues" in output, output[-2000:]
+    resumed = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert _entries(work) == {"out"} and (work / "out" / "config.json").is_file()
 
 
 def test_fused_expert_tensors_are_read(tiny_model_dir, tmp_path):

@@ -42,6 +42,7 @@ from tests.support.plugin import (
     score,
     serve_options,
 )
+from tests.support.signals import default_sigint
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +207,8 @@ def test_moesvd_serve_runs_in_foreground_and_stops_on_ctrl_c(plugin_checkpoint, 
     command = [sys.executable, "-m", "moesvd_vllm.cli", "serve", str(plugin_checkpoint("full_rank")),
                "--port", str(port), "--dtype", "float32", "--enforce-eager",
                "--log-file", str(tmp_path / "vllm.log")]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=default_sigint)
     lines = []
     try:
         for line in process.stdout:

@@ -28,6 +28,7 @@ from moesvd_vllm.format.validator import validate_checkpoint_files
 from offline.recover import REPORT_FILE, RecoveryOptions, recover
 from offline.recover_checks import RecoveryInputError
 from offline.recover_data import RecoveryDataError
+from tests.support.signals import default_sigint
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def test_interrupted_run_leaves_nothing_and_reruns(tiny_compressed, tmp_path):
     dense, compressed = tiny_compressed
     out = tmp_path / "out"
     process = subprocess.Popen(_cli(compressed, dense, out, stage1_steps=100_000), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+                               stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
     lines = []
     try:
         for line in process.stdout:  # wait until stage 1 trains, with the partial output directory open
