@@ -30,27 +30,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from moesvd_vllm.format.directories import atomic_directory
-from offline.bundled.corpus import read_documents
+from offline.bundled.presets import PRESETS, ModelShape, per_layer_balance_loss
+from offline.bundled.sources import read_source_documents
 from offline.bundled.evaluate import END_OF_TEXT, TRAIN_SEQ_LEN, model_nll, split_windows, token_stream
 
 LOG = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    vocab_size: int = 4096
-    hidden_size: int = 128
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 32
-    num_experts: int = 8
-    num_experts_per_tok: int = 2
-    moe_intermediate_size: int = 256
-    max_position_embeddings: int = 1024
-    tie_word_embeddings: bool = True
 
 
 @dataclass(frozen=True)
@@ -65,10 +51,24 @@ class TrainOptions:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     router_aux_loss_coef: float = 0.005
+    balance: str = "pooled"
+    sources: tuple[str, ...] = ("kjv",)
+    save_dtype: str = "float32"
+    experts_implementation: str = "eager"
+    device: str = "cpu"
     threads: int = 1
     eval_every: int = 100
     eval_windows: int = 32
     shape: ModelShape = field(default_factory=ModelShape)
+
+
+def options_from_preset(name: str, **overrides) -> TrainOptions:
+    preset = PRESETS[name]
+    options = TrainOptions(seed=preset.seed, steps=preset.steps, batch_size=preset.batch_size,
+                           router_aux_loss_coef=preset.router_aux_loss_coef, balance=preset.balance,
+                           sources=preset.sources, save_dtype=preset.save_dtype,
+                           experts_implementation=preset.experts_implementation, shape=preset.shape)
+    return dataclasses.replace(options, **overrides)
 
 
 def seed_everything(seed: int) -> None:
@@ -146,9 +146,20 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def validation_loss(model: torch.nn.Module, windows: torch.Tensor) -> float:
-    total, count = model_nll(model, windows)
+    total, count = model_nll(model, windows.to(next(model.parameters()).device))
     model.train()
     return total / count
+
+
+def training_losses(out, options: TrainOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(language-model loss, balancing loss, what is minimised). "pooled": transformers already added
+    coef * its pooled loss to out.loss; "per-layer": the model's coefficient is 0 and ours is added here."""
+    if options.balance == "pooled":
+        return out.loss - options.router_aux_loss_coef * out.aux_loss, out.aux_loss, out.loss
+    if options.balance != "per-layer":
+        raise ValueError(f"unknown balance {options.balance!r}; expected 'pooled' or 'per-layer'")
+    aux = per_layer_balance_loss(out.router_logits, options.shape.num_experts_per_tok)
+    return out.loss, aux, out.loss + options.router_aux_loss_coef * aux
 
 
 def train_model(model, train_stream: torch.Tensor, val_windows: torch.Tensor, options: TrainOptions) -> list[dict]:
@@ -165,15 +176,15 @@ def train_model(model, train_stream: torch.Tensor, val_windows: torch.Tensor, op
         lr = learning_rate(step, options)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = sample_batch(train_stream, options, generator)
+        batch = sample_batch(train_stream, options, generator).to(options.device)
         out = model(input_ids=batch, labels=batch, output_router_logits=True)
+        lm_loss, aux_loss, loss = training_losses(out, options)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
         optimizer.step()
-        lm_loss = out.loss.item() - options.router_aux_loss_coef * out.aux_loss.item()
-        running_loss += lm_loss
-        running_aux += out.aux_loss.item()
+        running_loss += lm_loss.item()
+        running_aux += aux_loss.item()
         running_n += 1
         last = step + 1 == options.steps
         if (step + 1) % options.eval_every == 0 or last:
@@ -235,7 +246,7 @@ def write_model_dir(model, tokenizer: Tokenizer, out: Path, eos_id: int) -> None
         add_legacy_expert_count(tmp / "config.json")
 
 
-def plot_curve(curve: list[dict], path: Path) -> None:
+def plot_curve(curve: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,7 +258,7 @@ def plot_curve(curve: list[dict], path: Path) -> None:
     ax.plot(steps, [row["val_loss"] for row in curve], label="validation (first windows)")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title("bundled MoE (KJV) training loss")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -262,7 +273,8 @@ def write_record(record_dir: Path, record: dict, curve: list[dict]) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(curve[0]))
         writer.writeheader()
         writer.writerows(curve)
-    plot_curve(curve, record_dir / "loss_curve.png")
+    sources = ", ".join(record["options"]["sources"])
+    plot_curve(curve, record_dir / "loss_curve.png", f"bundled MoE ({sources}) training loss")
 
 
 def run(out: Path, record_dir: Path, options: TrainOptions) -> dict:
@@ -271,22 +283,28 @@ def run(out: Path, record_dir: Path, options: TrainOptions) -> dict:
     seed_everything(options.seed)
     started = time.monotonic()
 
-    train_docs = read_documents("train")
+    train_docs = [doc for name in options.sources for doc in read_source_documents(name, "train")]
     tokenizer = train_tokenizer(train_docs, options.shape.vocab_size)
     eos_id = tokenizer.token_to_id(END_OF_TEXT)
     train_stream = token_stream(tokenizer, train_docs)
-    val_windows = split_windows(token_stream(tokenizer, read_documents("validation")), options.seq_len,
-                                options.eval_windows)
+    per_source = max(1, options.eval_windows // len(options.sources))
+    val_windows = torch.cat([split_windows(token_stream(tokenizer, read_source_documents(name, "validation")),
+                                           options.seq_len, per_source) for name in options.sources])
     LOG.info("tokenizer: %d tokens; train stream %d tokens (%.2f bytes/token)", tokenizer.get_vocab_size(),
              train_stream.numel(), sum(len(d.encode()) for d in train_docs) / train_stream.numel())
 
-    model = build_model(options.shape, eos_id, options.router_aux_loss_coef)
+    pooled_coef = options.router_aux_loss_coef if options.balance == "pooled" else 0.0
+    model = build_model(options.shape, eos_id, pooled_coef).to(options.device)
+    if options.experts_implementation != "eager":
+        model.set_experts_implementation(options.experts_implementation)
     n_params = sum(p.numel() for p in model.parameters())
     LOG.info("model: %d parameters (%s)", n_params, options.shape)
 
     curve = train_model(model, train_stream, val_windows, options)
     model.eval()
-    write_model_dir(model, tokenizer, out, eos_id)
+    if options.experts_implementation != "eager":
+        model.set_experts_implementation("eager")
+    write_model_dir(model.to("cpu", getattr(torch, options.save_dtype)), tokenizer, out, eos_id)
     wall = time.monotonic() - started
     record = {
         "options": dataclasses.asdict(options),
@@ -306,20 +324,31 @@ def run(out: Path, record_dir: Path, options: TrainOptions) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    defaults = TrainOptions()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="moe_mini",
+                        help="model shape and recipe (offline/bundled/presets.py); the defaults are the committed run")
     parser.add_argument("--out", type=Path, required=True, help="the Hugging Face model directory to write")
     parser.add_argument("--record-dir", type=Path, default=None,
                         help="where the training record goes (default: <out>/../training)")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--threads", type=int, default=defaults.threads)
-    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--seed", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda[:N]: train a larger model on a GPU")
+    parser.add_argument("--hidden-size", type=int, default=None, help="scale the preset up (with --device cuda)")
+    parser.add_argument("--layers", type=int, default=None, help="scale the preset up")
+    parser.add_argument("--experts", type=int, default=None, help="scale the preset up")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    options = dataclasses.replace(defaults, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                                  threads=args.threads, eval_every=args.eval_every)
+    preset = PRESETS[args.preset]
+    shape = dataclasses.replace(preset.shape, **{
+        key: value for key, value in (("hidden_size", args.hidden_size), ("num_hidden_layers", args.layers),
+                                      ("num_experts", args.experts)) if value is not None})
+    overrides = {key: value for key, value in (("steps", args.steps), ("batch_size", args.batch_size),
+                                               ("seed", args.seed)) if value is not None}
+    options = options_from_preset(args.preset, threads=args.threads, eval_every=args.eval_every,
+                                  device=args.device, shape=shape, **overrides)
     record_dir = args.record_dir or args.out.resolve().parent / "training"
     run(args.out, record_dir, options)
 
