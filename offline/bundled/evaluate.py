@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from offline.bundled.corpus import read_documents
 
 LOG = logging.getLogger(__name__)
 
@@ -143,27 +142,50 @@ def load_model(model_dir: Path) -> torch.nn.Module:
     return model
 
 
+def _documents(sources: tuple[str, ...], split: str) -> list[str]:
+    from offline.bundled.sources import read_source_documents
+
+    return [doc for source in sources for doc in read_source_documents(source, split)]
+
+
 def evaluate_split(model, tokenizer: Tokenizer, split: str, seq_len: int, unigram: torch.Tensor,
-                   max_windows: int | None = None) -> SplitPerplexity:
-    windows = split_windows(token_stream(tokenizer, read_documents(split)), seq_len, max_windows)
+                   max_windows: int | None = None, sources: tuple[str, ...] = ("kjv",)) -> SplitPerplexity:
+    windows = split_windows(token_stream(tokenizer, _documents(sources, split)), seq_len, max_windows)
     model_total, count = model_nll(model, windows)
     unigram_total, unigram_count = unigram_nll(unigram, windows)
     assert count == unigram_count
     return SplitPerplexity(split, count, math.exp(model_total / count), math.exp(unigram_total / count))
 
 
-def evaluate(model_dir: Path, max_windows: int | None = None, seq_len: int = TRAIN_SEQ_LEN) -> dict:
-    """All numbers of docs/bundled-model.md: perplexities (validation, test) and test routing spread."""
+def trained_sources(model_dir: Path) -> tuple[str, ...]:
+    """The text sources a bundled model was trained on (from its training record; else the KJV)."""
+    from offline.bundled import BUNDLED_MODELS, training_record_path
+
+    name = Path(model_dir).name
+    if name in BUNDLED_MODELS and training_record_path(name).is_file():
+        return tuple(json.loads(training_record_path(name).read_text())["options"].get("sources", ("kjv",)))
+    return ("kjv",)
+
+
+def evaluate(model_dir: Path, max_windows: int | None = None, seq_len: int = TRAIN_SEQ_LEN,
+             sources: tuple[str, ...] | None = None) -> dict:
+    """All numbers of docs/bundled-model.md: perplexities (validation, test; all trained sources pooled and
+    each alone) and the test routing spread."""
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    unigram = unigram_log_probs(token_stream(tokenizer, read_documents("train")), model.config.vocab_size)
-    perplexities = [evaluate_split(model, tokenizer, split, seq_len, unigram, max_windows)
+    sources = sources or trained_sources(model_dir)
+    unigram = unigram_log_probs(token_stream(tokenizer, _documents(sources, "train")), model.config.vocab_size)
+    perplexities = [evaluate_split(model, tokenizer, split, seq_len, unigram, max_windows, sources)
                     for split in ("validation", "test")]
-    test_windows = split_windows(token_stream(tokenizer, read_documents("test")), seq_len, max_windows)
+    per_source = {source: asdict(evaluate_split(model, tokenizer, "test", seq_len, unigram, max_windows, (source,)))
+                  for source in sources} if len(sources) > 1 else {}
+    test_windows = split_windows(token_stream(tokenizer, _documents(sources, "test")), seq_len, max_windows)
     routing = routing_frequencies(model, test_windows)
     return {
         "seq_len": seq_len,
+        "sources": list(sources),
         "perplexity": [dict(asdict(p), ratio=p.ratio) for p in perplexities],
+        "test_by_source": per_source,
         "routing_test": [dict(asdict(r), entropy_ratio=r.entropy_ratio) for r in routing],
     }
 

@@ -30,6 +30,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from moesvd_vllm.format.directories import atomic_directory
+from offline.bundled import BUNDLED_MODELS
 from offline.bundled.presets import PRESETS, ModelShape, per_layer_balance_loss
 from offline.bundled.sources import read_source_documents
 from offline.bundled.evaluate import END_OF_TEXT, TRAIN_SEQ_LEN, model_nll, split_windows, token_stream
@@ -329,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="model shape and recipe (offline/bundled/presets.py); the defaults are the committed run")
     parser.add_argument("--out", type=Path, required=True, help="the Hugging Face model directory to write")
     parser.add_argument("--record-dir", type=Path, default=None,
-                        help="where the training record goes (default: <out>/../training)")
+                        help="where the training record goes (default: <out>/../training for moe_mini, "
+                        "<out>/../training_fine for moe_fine)")
     parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--seed", type=int, default=None, help="default: the preset's")
@@ -349,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
                                                ("seed", args.seed)) if value is not None}
     options = options_from_preset(args.preset, threads=args.threads, eval_every=args.eval_every,
                                   device=args.device, shape=shape, **overrides)
-    record_dir = args.record_dir or args.out.resolve().parent / "training"
+    record_dir = args.record_dir or args.out.resolve().parent / BUNDLED_MODELS.get(args.preset, "training")
     run(args.out, record_dir, options)
 
 

@@ -1,0 +1,126 @@
+"""The protocol's report: tables of docs/results.md (between its protocol markers) from the results JSON.
+
+Per model and ratio, the cells of one variant are pooled over calibration seeds: each evaluation window's
+NLL is averaged over the seeds, then compared with the dense model (or the default) on the same windows by
+a paired bootstrap over windows (offline/protocol_scores.py). "Out of domain" pools the windows of every
+text other than the calibration domain. The validation split chooses: per ratio the variant whose worse
+of (in-domain, out-of-domain) validation perplexity ratio is lowest wins, since a method that wins only
+in-domain does not win; the test split is what the tables report.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+from offline.protocol_scores import bootstrap_ppl_ratio
+
+REPO = Path(__file__).resolve().parent.parent
+JSON_PATH = REPO / "docs" / "results-protocol.json"
+DOC_PATH = REPO / "docs" / "results.md"
+BEGIN, END = "<!-- protocol:begin (offline/results_protocol.py writes this part) -->", "<!-- protocol:end -->"
+
+
+def _pooled_windows(cells: list[dict], split: str, sources: list[str]) -> tuple[list[float], int]:
+    """Per-window NLL averaged over the cells (seeds), windows of `sources` concatenated."""
+    windows: list[float] = []
+    tokens = None
+    for source in sources:
+        per_seed = [cell["scores"][split][source]["nll"] for cell in cells]
+        windows += [mean(values) for values in zip(*per_seed)]
+        tokens = cells[0]["scores"][split][source]["tokens_per_window"]
+    return windows, tokens
+
+
+def _dense_windows(dense: dict, split: str, sources: list[str]) -> list[float]:
+    return [value for source in sources for value in dense[split][source]["nll"]]
+
+
+def _ratio_cell(a: list[float], b: list[float], tokens: int) -> dict:
+    value, low, high = bootstrap_ppl_ratio(a, b, tokens)
+    return {"ratio": value, "low": low, "high": high}
+
+
+def summarize(entry: dict, split: str) -> dict[float, dict[str, dict]]:
+    """{ratio: {variant: summary}} of one model on one split."""
+    in_domain, others = [entry["calib_source"]], [s for s in entry["eval_sources"] if s != entry["calib_source"]]
+    groups: dict[tuple[float, str], list[dict]] = defaultdict(list)
+    for cell in entry["cells"]:
+        groups[(cell["ratio"], cell["variant"])].append(cell)
+    default_label = next(cell["variant"] for cell in entry["cells"])  # the default runs first
+    table: dict[float, dict[str, dict]] = defaultdict(dict)
+    for (ratio, label), cells in sorted(groups.items(), key=lambda item: item[0][0]):
+        row = {"seeds": sorted(c["seed"] for c in cells), "achieved": mean(c["achieved_ratio"] for c in cells),
+               "ppl": [c["scores"][split][in_domain[0]]["ppl"] for c in cells],
+               "kl": mean(c["scores"][split][in_domain[0]]["kl"] for c in cells),
+               "top1": mean(c["scores"][split][in_domain[0]]["top1"] for c in cells)}
+        for key, sources in (("in", in_domain), ("ood", others)):
+            nll, tokens = _pooled_windows(cells, split, sources)
+            row[f"{key}_vs_dense"] = _ratio_cell(nll, _dense_windows(entry["dense"], split, sources), tokens)
+            default_cells = groups.get((ratio, default_label))
+            if default_cells and label != default_label:
+                reference, _ = _pooled_windows(default_cells, split, sources)
+                row[f"{key}_vs_default"] = _ratio_cell(nll, reference, tokens)
+        table[ratio][label] = row
+    return table
+
+
+def validation_winners(entry: dict) -> dict[float, str]:
+    """Per ratio, the variant with the lowest worse-of(in-domain, out-of-domain) validation ppl ratio."""
+    winners = {}
+    for ratio, rows in summarize(entry, "validation").items():
+        winners[ratio] = min(rows, key=lambda label: max(rows[label]["in_vs_dense"]["ratio"],
+                                                          rows[label]["ood_vs_dense"]["ratio"]))
+    return winners
+
+
+def _interval(cell: dict | None) -> str:
+    if cell is None:
+        return "(reference)"
+    return f"{cell['ratio']:.3f} [{cell['low']:.3f}-{cell['high']:.3f}]"
+
+
+def _spread(values: list[float]) -> str:
+    return f"{mean(values):.2f}" + (f" [{min(values):.2f}-{max(values):.2f}]" if len(values) > 1 else "")
+
+
+def model_section(name: str, entry: dict) -> list[str]:
+    dense_test = entry["dense"]["test"]
+    lines = [f"### {name}: calibrated on {entry['calib_source']} (train split)", "",
+             "Dense test perplexity: " + ", ".join(f"{s} {dense_test[s]['ppl']:.2f}" for s in entry["eval_sources"])
+             + f" ({len(dense_test[entry['calib_source']]['nll'])} windows of "
+               f"{dense_test[entry['calib_source']]['tokens_per_window'] + 1} tokens per text).", ""]
+    winners = validation_winners(entry)
+    lines += ["| removed (asked / achieved) | variant | seeds | in-domain test ppl, mean [min-max] | in-domain x dense "
+              "[95 % CI] | out-of-domain x dense [95 % CI] | KL in-domain | top-1 in-domain | x default in-domain | "
+              "x default out-of-domain |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for ratio, rows in summarize(entry, "test").items():
+        for label, row in rows.items():
+            mark = " **(validation winner)**" if winners.get(ratio) == label else ""
+            lines.append(
+                f"| {ratio:.0%} / {row['achieved']:.1%} | {label}{mark} | {len(row['seeds'])} | {_spread(row['ppl'])} | "
+                f"{_interval(row['in_vs_dense'])} | {_interval(row['ood_vs_dense'])} | {row['kl']:.4f} | "
+                f"{row['top1']:.3f} | {_interval(row.get('in_vs_default'))} | {_interval(row.get('ood_vs_default'))} |")
+    return lines + [""]
+
+
+def render(results: dict) -> str:
+    lines = [BEGIN, "", "Regenerate: `python -m offline.results_protocol` (the grid) or "
+             "`python -m offline.results_protocol --render-only` (these tables from docs/results-protocol.json).", ""]
+    for name, entry in sorted(results["models"].items()):
+        if entry.get("cells"):
+            lines += model_section(name, entry)
+    return "\n".join(lines + [END])
+
+
+def write_report(results: dict, doc: Path) -> None:
+    """Replace the text between the protocol markers of `doc` (appended at the end if there are none)."""
+    text = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    section = render(results)
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## The results protocol (issue 13)\n\n" + section + "\n"
+    doc.write_text(text, encoding="utf-8")
