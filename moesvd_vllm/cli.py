@@ -15,6 +15,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("serve.demo", "compress the bundled model, serve it with vLLM, A/B it, show tokens/s"),
     "compress": ("offline.cli_compress", "compress a Hugging Face MoE checkpoint with MoE-SVD"),
+    "prune-experts": ("offline.cli_prune_experts",
+                      "remove the least salient experts (REAP or frequency): a checkpoint stock vLLM serves"),
     "skip": ("offline.cli_skip", "add dynamic expert skipping (beta per MoE layer) to a dense checkpoint"),
     "recover": ("offline.recover", "distil a compressed checkpoint toward its dense original (same format)"),
     "eval-ppl": ("offline.eval_ppl", "held-out perplexity of dense/compressed checkpoints (PyTorch)"),

@@ -157,3 +157,32 @@ def _apply_slimming(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ke
         gate[dropped] = 0
         up[dropped] = 0
         down.copy_(new_down)
+
+
+# ------------------------------------------------------------------------------------------ magnitude baseline
+def magnitude_scores(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """[I] float64: ||W_gate[i, :]||_2 ||W_up[i, :]||_2 ||W_down[:, i]||_2 of one expert (gate/up [I, H],
+    down [H, I]): the weight-magnitude score of neuron i, no calibration statistics."""
+    return gate.double().norm(dim=1) * up.double().norm(dim=1) * down.double().norm(dim=0)
+
+
+def magnitude_neuron_selection(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, keep: int) -> torch.Tensor:
+    """Sorted indices of the `keep` neurons of largest `magnitude_scores` (ties: the lower index is kept)."""
+    scores = magnitude_scores(gate, up, down)
+    if not 0 < keep <= scores.numel():
+        raise ValueError(f"keep must be in [1, {scores.numel()}], got {keep}")
+    return torch.sort(torch.argsort(scores, descending=True, stable=True)[:keep]).values
+
+
+def magnitude_slim_in_place(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, keep: int) -> list[torch.Tensor]:
+    """Keep the `keep` largest-magnitude neurons of every expert of a layer (gate/up [E, I, H], down [E, H, I]),
+    without compensation: the dropped rows of gate/up and columns of down become zero in place (so the layer
+    computes what the slimmed checkpoint computes). Returns the kept indices per expert."""
+    kept_all = []
+    for e in range(down.shape[0]):
+        kept = magnitude_neuron_selection(gate[e], up[e], down[e], keep)
+        new_down = torch.zeros_like(down[e])
+        new_down[:, kept] = down[e][:, kept]
+        _apply_slimming(gate[e], up[e], down[e], kept, new_down)
+        kept_all.append(kept)
+    return kept_all

@@ -274,7 +274,8 @@ def test_cli_flags_are_generated_from_the_options_and_the_method_registry(tmp_pa
     flags = {a.dest: a for a in parser._actions}
     assert set(flags) >= {f.name for f in dataclasses.fields(CompressionOptions)}
     assert all(flags[f.name].help for f in dataclasses.fields(CompressionOptions))
-    assert tuple(flags["method"].choices) == method_names() == ("moe-svd-stacked", "moe-svd", "svd", "whitened-svd", "shared-core")
+    assert tuple(flags["method"].choices) == method_names() == (
+        "moe-svd-stacked", "magnitude-neurons", "moe-svd", "svd", "whitened-svd", "shared-core")
     args = parser.parse_args(["model", "--out", str(tmp_path / "o"), "--ratio", "0.4", "--calib", "c.txt",
                               "--method", "moe-svd", "--no-routing-weighted", "--trim-keep", "3"])
     assert from_arguments(CompressionOptions, args) == CompressionOptions(
