@@ -38,6 +38,7 @@ RATIOS = (0.2, 0.3, 0.4, 0.5, 0.6)
 SEEDS = (0, 1, 2)
 EVAL_SEQ_LEN = 256
 EVAL_WINDOWS = 32  # per text and split (fewer where the text is shorter)
+REPORTS_DIR = Path(__file__).resolve().parent.parent / "docs" / "protocol-reports"  # seed 0's per-layer reports
 CALIB_SAMPLES = 64  # calibration windows of 256 tokens, drawn from the calibration domain's train split
 
 
@@ -71,6 +72,7 @@ VARIANTS = (
     Variant("paper: V-sharing, no trimming", "compress", "moe-svd", {"trim_keep": 10**6}),
     Variant("per-expert SVD", "compress", "svd"),
     Variant("whitened SVD (SVD-LLM)", "compress", "whitened-svd"),
+    Variant("magnitude neuron pruning", "compress", "magnitude-neurons"),
     Variant("expert pruning, REAP saliency", "prune-experts", "reap"),
     Variant("expert pruning, routing frequency", "prune-experts", "frequency"),
 )
@@ -155,6 +157,14 @@ def _compress(variant: Variant, source: Path, out: Path, ratio: float, seed: int
     raise last_error
 
 
+def _keep_layer_report(checkpoint: Path, stem: Path) -> None:
+    """The per-layer report of a cell (compress: report.md; expert pruning: expert_pruning.json)."""
+    for name in ("report.md", "expert_pruning.json"):
+        if (checkpoint / name).is_file():
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(checkpoint / name, stem.with_name(f"{stem.name}.{name.split('.')[-1]}"))
+
+
 class DenseReference:
     """The dense model's scores and next-token log-probabilities on every evaluation window (kept in memory)."""
 
@@ -177,13 +187,15 @@ def score_checkpoint(path: Path, windows, dense: DenseReference) -> dict:
 
 
 def run_cell(name: str, variant: Variant, ratio: float, seed: int, target: float, work: Path,
-             windows, dense: DenseReference, samples: int) -> dict:
+             windows, dense: DenseReference, samples: int, reports: Path | None) -> dict:
     slug = re.sub(r"[^a-z0-9]+", "-", variant.label.lower()).strip("-")[:40]
     out = work / f"{name}-{slug}-{int(ratio * 100)}-s{seed}"
     started = time.perf_counter()
     achieved = build_checkpoint(variant, model_dir(name), out, target, seed,
                                 calibration_file(MODELS[name].calib_source), samples)
     scores = score_checkpoint(out, windows, dense)
+    if reports is not None and seed == SEEDS[0]:
+        _keep_layer_report(out, reports / name / f"{slug}-{int(ratio * 100)}")
     shutil.rmtree(out, ignore_errors=True)
     in_domain = scores["test"][MODELS[name].calib_source]["ppl"]
     logger.info("%s | %s | %.0f %% (achieved %.3f) seed %d: in-domain test ppl %.3f (%.0f s)", name,
@@ -193,7 +205,8 @@ def run_cell(name: str, variant: Variant, ratio: float, seed: int, target: float
 
 
 def run_model(name: str, results: dict, out: Path, work: Path, variants, ratios, seeds,
-              windows_per_text: int = EVAL_WINDOWS, calib_samples: int = CALIB_SAMPLES) -> None:
+              windows_per_text: int = EVAL_WINDOWS, calib_samples: int = CALIB_SAMPLES,
+              reports: Path | None = None) -> None:
     path = model_dir(name)
     windows = eval_windows(path, MODELS[name].eval_sources, windows_per_text)
     dense = DenseReference(path, windows)
@@ -207,9 +220,20 @@ def run_model(name: str, results: dict, out: Path, work: Path, variants, ratios,
                 key = (variant.label, ratio, seed)
                 if key not in done:
                     target = ratio if variant == DEFAULT else done[(DEFAULT.label, ratio, seed)]["achieved_ratio"]
-                    done[key] = run_cell(name, variant, ratio, seed, target, work, windows, dense, calib_samples)
+                    done[key] = run_cell(name, variant, ratio, seed, target, work, windows, dense, calib_samples,
+                                         reports)
                     entry["cells"].append(done[key])
                     out.write_text(json.dumps(results) + "\n", encoding="utf-8")
+
+
+def merge_results(results: dict, other: dict) -> None:
+    """Add `other`'s cells (a run of other ratios or seeds, same models and windows) to `results`."""
+    for name, entry in other["models"].items():
+        mine = results["models"].setdefault(name, {**entry, "cells": []})
+        if mine["dense"] != entry["dense"]:
+            raise ValueError(f"{name}: the runs scored different evaluation windows; they cannot be merged")
+        have = {(c["variant"], c["ratio"], c["seed"]) for c in mine["cells"]}
+        mine["cells"] += [c for c in entry["cells"] if (c["variant"], c["ratio"], c["seed"]) not in have]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,18 +247,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--variants", nargs="+", default=None, help="labels (default: all of VARIANTS)")
+    parser.add_argument("--reports", type=Path, default=REPORTS_DIR, help="where seed 0's per-layer reports go")
     parser.add_argument("--windows", type=int, default=EVAL_WINDOWS, help="evaluation windows per text and split")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--render-only", action="store_true", help="only rewrite --doc from --out")
+    parser.add_argument("--merge", nargs="+", type=Path, default=[],
+                        help="results JSONs of parallel runs (e.g. one per ratio) whose cells join --out first")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     results = json.loads(args.out.read_text()) if args.out.exists() else {"models": {}}
+    for other in args.merge:
+        merge_results(results, json.loads(other.read_text()))
     if not args.render_only:
         variants = VARIANTS if args.variants is None else tuple(variant_named(v) for v in args.variants)
         args.work.mkdir(parents=True, exist_ok=True)
         for name in args.models:
-            run_model(name, results, args.out, args.work, variants, args.ratios, args.seeds, args.windows)
+            run_model(name, results, args.out, args.work, variants, args.ratios, args.seeds, args.windows,
+                      reports=args.reports)
     write_report(results, args.doc)
     return 0
 

@@ -59,7 +59,8 @@ SOURCES = {
 def source_dir(name: str) -> Path:
     if name not in SOURCES:
         raise ValueError(f"unknown text source {name!r}; expected one of {sorted(SOURCES)}")
-    return KJV_DIR if name == "kjv" else TEXTS_DIR / name
+    # a directory name that is a Python identifier, so setuptools ships it as package data
+    return KJV_DIR if name == "kjv" else TEXTS_DIR / name.replace("-", "_")
 
 
 def read_source_documents(name: str, split: str) -> list[str]:
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for name, extract in EXTRACTORS.items():
         documents = extract(args.extracted_debs)
-        counts = write_splits(documents, args.out / name, SplitRule())
+        counts = write_splits(documents, args.out / source_dir(name).name, SplitRule())
         LOG.info("%s: %d documents, %d bytes: %s", name, len(documents),
                  sum(len(d.encode()) for d in documents), counts)
 
