@@ -179,7 +179,9 @@ def evaluate(model_dir: Path, max_windows: int | None = None, seq_len: int = TRA
                     for split in ("validation", "test")]
     per_source = {source: asdict(evaluate_split(model, tokenizer, "test", seq_len, unigram, max_windows, (source,)))
                   for source in sources} if len(sources) > 1 else {}
-    test_windows = split_windows(token_stream(tokenizer, _documents(sources, "test")), seq_len, max_windows)
+    # each source's own windows (a prefix of the pooled stream would be the first source only)
+    test_windows = torch.cat([split_windows(token_stream(tokenizer, _documents((source,), "test")), seq_len,
+                                            max_windows) for source in sources])
     routing = routing_frequencies(model, test_windows)
     return {
         "seq_len": seq_len,
