@@ -47,7 +47,8 @@ def summarize(entry: dict, split: str) -> dict[float, dict[str, dict]]:
     in_domain, others = [entry["calib_source"]], [s for s in entry["eval_sources"] if s != entry["calib_source"]]
     groups: dict[tuple[float, str], list[dict]] = defaultdict(list)
     for cell in entry["cells"]:
-        groups[(cell["ratio"], cell["variant"])].append(cell)
+        if "scores" in cell:  # an unreachable cell has none (listed under the table)
+            groups[(cell["ratio"], cell["variant"])].append(cell)
     default_label = next(cell["variant"] for cell in entry["cells"])  # the default runs first
     table: dict[float, dict[str, dict]] = defaultdict(dict)
     for (ratio, label), cells in sorted(groups.items(), key=lambda item: item[0][0]):
@@ -74,10 +75,16 @@ def selection_score(row: dict) -> tuple[float, float]:
     return max(in_domain, row["ood_vs_dense"]["ratio"], 1.0), in_domain
 
 
-def validation_winners(entry: dict) -> dict[float, str]:
-    """Per ratio, the variant with the lowest `selection_score` on the validation split."""
-    return {ratio: min(rows, key=lambda label: selection_score(rows[label]))
-            for ratio, rows in summarize(entry, "validation").items()}
+def validation_winners(entry: dict, servable_only: bool = False) -> dict[float, str]:
+    """Per ratio, the variant with the lowest `selection_score` on the validation split (among the ones
+    vLLM's fused MoE kernels serve, with `servable_only`)."""
+    from offline.results_protocol import variant_named
+
+    winners = {}
+    for ratio, rows in summarize(entry, "validation").items():
+        labels = [label for label in rows if variant_named(label).servable or not servable_only]
+        winners[ratio] = min(labels, key=lambda label: selection_score(rows[label]))
+    return winners
 
 
 def _interval(cell: dict | None) -> str:
@@ -91,22 +98,32 @@ def _spread(values: list[float]) -> str:
 
 
 def model_section(name: str, entry: dict) -> list[str]:
+    from offline.results_protocol import variant_named
+
     dense_test = entry["dense"]["test"]
     lines = [f"### {name}: calibrated on {entry['calib_source']} (train split)", "",
              "Dense test perplexity: " + ", ".join(f"{s} {dense_test[s]['ppl']:.2f}" for s in entry["eval_sources"])
              + f" ({len(dense_test[entry['calib_source']]['nll'])} windows of "
                f"{dense_test[entry['calib_source']]['tokens_per_window'] + 1} tokens per text).", ""]
-    winners = validation_winners(entry)
+    winners, servable = validation_winners(entry), validation_winners(entry, servable_only=True)
     lines += ["| removed (asked / achieved) | variant | seeds | in-domain test ppl, mean [min-max] | in-domain x dense "
               "[95 % CI] | out-of-domain x dense [95 % CI] | KL in-domain | top-1 in-domain | x default in-domain | "
               "x default out-of-domain |", "|---|---|---|---|---|---|---|---|---|---|"]
     for ratio, rows in summarize(entry, "test").items():
         for label, row in rows.items():
-            mark = " **(validation winner)**" if winners.get(ratio) == label else ""
+            marks = [text for text, chosen in (("validation winner", winners), ("best servable on validation",
+                                                                                 servable)) if chosen.get(ratio) == label]
+            mark = f" **({', '.join(marks)})**" if marks else ""
+            if not variant_named(label).servable:
+                label += " (not servable)"
             lines.append(
                 f"| {ratio:.0%} / {row['achieved']:.1%} | {label}{mark} | {len(row['seeds'])} | {_spread(row['ppl'])} | "
                 f"{_interval(row['in_vs_dense'])} | {_interval(row['ood_vs_dense'])} | {row['kl']:.4f} | "
                 f"{row['top1']:.3f} | {_interval(row.get('in_vs_default'))} | {_interval(row.get('ood_vs_default'))} |")
+    unreachable = sorted({(c["ratio"], c["variant"]) for c in entry["cells"] if "unreachable" in c})
+    if unreachable:
+        lines += ["", "Not reachable near the default's parameter count (the variant's rank / neuron steps): "
+                  + "; ".join(f"{label} at {ratio:.0%}" for ratio, label in unreachable) + "."]
     return lines + [""]
 
 

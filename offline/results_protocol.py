@@ -30,6 +30,7 @@ import torch
 from offline.bundled.evaluate import split_windows, token_stream
 from offline.bundled.sources import read_source_documents, source_dir
 from offline.protocol_scores import next_token_logprobs, score_windows
+from offline.sensitivity import RatioError
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class Variant:
     kind: str  # "compress" (moesvd compress) | "prune-experts" (offline/expert_pruning.py)
     method: str = "moe-svd-stacked"  # compress: the method; prune-experts: the saliency
     extra: dict = field(default_factory=dict)
+    servable: bool = True  # on vLLM's fused MoE kernels (plugin or stock); per-expert factors are not
 
 
 VARIANTS = (
@@ -70,8 +72,8 @@ VARIANTS = (
     Variant("ours: neuron selection only", "compress", extra={"min_intermediate_fraction": 0.125}),
     Variant("paper: V-sharing + U-trimming (Algorithm 3)", "compress", "moe-svd"),
     Variant("paper: V-sharing, no trimming", "compress", "moe-svd", {"trim_keep": 10**6}),
-    Variant("per-expert SVD", "compress", "svd"),
-    Variant("whitened SVD (SVD-LLM)", "compress", "whitened-svd"),
+    Variant("per-expert SVD", "compress", "svd", servable=False),
+    Variant("whitened SVD (SVD-LLM)", "compress", "whitened-svd", servable=False),
     Variant("magnitude neuron pruning", "compress", "magnitude-neurons"),
     Variant("expert pruning, REAP saliency", "prune-experts", "reap"),
     Variant("expert pruning, routing frequency", "prune-experts", "frequency"),
@@ -141,7 +143,6 @@ def _compress(variant: Variant, source: Path, out: Path, ratio: float, seed: int
               samples: int) -> float:
     from moesvd_vllm.format.schema import read_moe_svd_config
     from offline.compress import CompressionOptions, compress
-    from offline.sensitivity import RatioError
 
     last_error: Exception | None = None
     for tolerance in (0.01, 0.025, 0.05):
@@ -191,8 +192,12 @@ def run_cell(name: str, variant: Variant, ratio: float, seed: int, target: float
     slug = re.sub(r"[^a-z0-9]+", "-", variant.label.lower()).strip("-")[:40]
     out = work / f"{name}-{slug}-{int(ratio * 100)}-s{seed}"
     started = time.perf_counter()
-    achieved = build_checkpoint(variant, model_dir(name), out, target, seed,
-                                calibration_file(MODELS[name].calib_source), samples)
+    try:
+        achieved = build_checkpoint(variant, model_dir(name), out, target, seed,
+                                    calibration_file(MODELS[name].calib_source), samples)
+    except RatioError as error:  # the variant's steps cannot land near the default's count: say so
+        logger.warning("%s | %s | %.0f %% seed %d: %s", name, variant.label, ratio * 100, seed, error)
+        return {"model": name, "variant": variant.label, "ratio": ratio, "seed": seed, "unreachable": str(error)}
     scores = score_checkpoint(out, windows, dense)
     if reports is not None and seed == SEEDS[0]:
         _keep_layer_report(out, reports / name / f"{slug}-{int(ratio * 100)}")
@@ -259,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(args.out.read_text()) if args.out.exists() else {"models": {}}
     for other in args.merge:
         merge_results(results, json.loads(other.read_text()))
+    if args.merge:
+        args.out.write_text(json.dumps(results) + "\n", encoding="utf-8")
     if not args.render_only:
         variants = VARIANTS if args.variants is None else tuple(variant_named(v) for v in args.variants)
         args.work.mkdir(parents=True, exist_ok=True)

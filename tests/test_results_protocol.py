@@ -66,3 +66,26 @@ def test_one_real_cell_end_to_end_and_the_report_between_its_markers(tmp_path):
     assert "### moe_mini: calibrated on kjv" in text and "whitened SVD" in text
     write_report(saved, doc)
     assert doc.read_text() == text  # regenerating is idempotent
+
+
+def test_runs_of_other_ratios_merge_and_runs_of_other_windows_do_not():
+    from offline.results_protocol import merge_results
+
+    def run(ratio, dense):
+        cell = {"variant": VARIANTS[0].label, "ratio": ratio, "seed": 0, "scores": {}}
+        return {"models": {"moe_fine": {"dense": dense, "calib_source": "python-docs", "cells": [cell]}}}
+
+    results = run(0.4, {"test": 1})
+    merge_results(results, run(0.6, {"test": 1}))
+    merge_results(results, run(0.6, {"test": 1}))  # the same cell twice is kept once
+    assert [c["ratio"] for c in results["models"]["moe_fine"]["cells"]] == [0.4, 0.6]
+    with pytest.raises(ValueError, match="different evaluation windows"):
+        merge_results(results, run(0.2, {"test": 2}))
+
+
+def test_selection_score_counts_out_of_domain_gains_as_one_and_per_expert_svd_is_not_servable():
+    from offline.protocol_report import selection_score
+
+    assert selection_score({"in_vs_dense": {"ratio": 1.05}, "ood_vs_dense": {"ratio": 0.9}}) == (1.05, 1.05)
+    assert selection_score({"in_vs_dense": {"ratio": 0.99}, "ood_vs_dense": {"ratio": 0.9}}) == (1.0, 0.99)
+    assert {v.method for v in VARIANTS if not v.servable} == {"svd", "whitened-svd"}
