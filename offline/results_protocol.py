@@ -70,6 +70,8 @@ VARIANTS = (
     Variant("default (neuron selection, then shared-basis rank)", "compress"),
     Variant("ours: shared-basis rank only", "compress", extra={"min_intermediate_fraction": 1.0}),
     Variant("ours: neuron selection only", "compress", extra={"min_intermediate_fraction": 0.125}),
+    Variant("ours: default, output basis from the experts' down projections", "compress",
+            extra={"output_basis": "experts"}),
     Variant("paper: V-sharing + U-trimming (Algorithm 3)", "compress", "moe-svd"),
     Variant("paper: V-sharing, no trimming", "compress", "moe-svd", {"trim_keep": 10**6}),
     Variant("per-expert SVD", "compress", "svd", servable=False),
