@@ -27,6 +27,7 @@ DEFAULT_METHOD = "moe-svd-stacked"
 PROPAGATE = ("compressed", "dense")
 SELECTIONS = ("sensitivity", "all")
 OUTPUT_BASES = ("block", "experts")
+TRIM_COMBINES = ("one", "sum")  # U-trimming: one kept bank (Algorithm 3) or Eq. 8's sum of the kept factors
 
 
 class OptionsError(MoESVDError):
@@ -82,6 +83,12 @@ class CompressionOptions:
                                "or 'experts' (of the experts' whitened down projections)", choices=OUTPUT_BASES)
     trim_keep: int | None = option(None, "U-trimming (Eq. 7-8): experts kept per group; None: by method "
                                    f"({_by_method('trim_keep')}; None = no trimming)")
+    # Eq. 8 as printed sums two kept experts' U Sigma into a new matrix per trimmed expert; the fused kernel
+    # needs one matrix per expert (the activation is not linear), so served it stores every expert's bank
+    trim_combine: str = option("one", "U-trimming: a trimmed expert is served by 'one' kept expert of its group "
+                               "(the one that reproduces it best; shares its bank: Algorithm 3's mapping) or by "
+                               "the 'sum' of its group's kept experts' factors (Eq. 8 as printed; stored as its "
+                               "own bank, so it saves no memory when served)", choices=TRIM_COMBINES)
     trim_group_size: int = option(8, "U-trimming group size (App. D.4: DeepSeek's 64 experts in 8 groups)")
     prior_tokens: float = option(8.0, "per-expert Gram + this many tokens' worth of the layer's average Gram")
     damp: float = option(1e-4, "+ damp * mean(diag) * I on every per-expert Gram")
@@ -134,7 +141,8 @@ class CompressionOptions:
                 raise OptionsError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def _check_choices(self) -> None:
-        for name, allowed in (("propagate", PROPAGATE), ("output_basis", OUTPUT_BASES)):
+        for name, allowed in (("propagate", PROPAGATE), ("output_basis", OUTPUT_BASES),
+                              ("trim_combine", TRIM_COMBINES)):
             if getattr(self, name) not in allowed:
                 raise OptionsError(f"{name} {getattr(self, name)!r} is not one of {allowed}")
         if self.selection is not None and self.selection not in SELECTIONS:

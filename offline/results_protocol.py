@@ -74,6 +74,8 @@ VARIANTS = (
             extra={"output_basis": "experts"}),
     Variant("paper: V-sharing + U-trimming (Algorithm 3)", "compress", "moe-svd"),
     Variant("paper: V-sharing, no trimming", "compress", "moe-svd", {"trim_keep": 10**6}),
+    # Eq. 8's sums are new matrices: stored (and served) as a bank per expert, at that parameter count
+    Variant("paper: V-sharing + U-trimming (Eq. 8 sums)", "compress", "moe-svd", {"trim_combine": "sum"}),
     Variant("per-expert SVD", "compress", "svd", servable=False),
     Variant("whitened SVD (SVD-LLM)", "compress", "whitened-svd", servable=False),
     Variant("magnitude neuron pruning", "compress", "magnitude-neurons"),

@@ -13,7 +13,11 @@ The members differ only in how the bases are chosen (`shared_bases`). The steps 
    G = W C A^T (A C A^T)^{-1} (C the expert's input Gram) and D = B^T W_down, the error terms, and with
    `write_back` the reconstruction written into the layer in place of the dense expert;
 4. U-trimming (Eq. 7-8), when `trim_keep` experts are kept per group: the kept experts of a group go
-   first and every other expert is served by the kept expert that reproduces it best.
+   first and every other expert is served, with `trim_combine` "one", by the kept expert that reproduces
+   it best (it shares that bank: Algorithm 3's mapping), or with "sum" by the sum of the kept experts'
+   factors, E_i(x) = (U_1 S_1 + U_2 S_2) V_s^T x (Eq. 8 as printed). The sum is a new matrix per trimmed
+   expert and vLLM's fused kernel needs one matrix per expert (the activation between the projections is
+   not linear), so "sum" stores it as the expert's own bank: it saves no memory when served.
 """
 
 from __future__ import annotations
@@ -68,6 +72,16 @@ def _error_parts(fit: dec.InputFit, down_weight: torch.Tensor, mid_gram: torch.T
 _PROJECTIONS = ("gate", "up", "down")
 
 
+def _summed_factors(kept: list[_BankFactors]) -> _BankFactors:
+    """Eq. 8: U_{i,1} S_{i,1} + U_{i,2} S_{i,2} (and likewise the down factors), summed in float32 and
+    rounded once to the model dtype (float64 for a float64 model)."""
+    dtype = kept[0].gate_up.dtype
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    gate_up = sum(f.gate_up.to(work) for f in kept).to(dtype)
+    down = sum(f.down.to(work) for f in kept).to(dtype)
+    return _BankFactors(gate_up, down)
+
+
 def num_banks(num_experts: int, keep: int | None, group_size: int) -> int:
     """Banks left by U-trimming `keep` experts per group of `group_size` (all experts without trimming)."""
     if keep is None:
@@ -92,6 +106,8 @@ class SharedBasisMethod(CompressionMethod):
         return dims.hidden, RANK_MULTIPLE  # the fused-MoE kernel's rank granularity
 
     def planned_banks(self, dims: MoEDims) -> int:
+        if self.options.trim_combine == "sum":
+            return dims.num_experts  # Eq. 8's sums are stored, one bank per expert
         return num_banks(dims.num_experts, self.options.effective_trim_keep, self.options.trim_group_size)
 
     def compress_layer(self, work: LayerWork) -> CompressedLayer:
@@ -107,7 +123,8 @@ class SharedBasisMethod(CompressionMethod):
         basis_dtype_name = options.basis_dtype_for(work.model_dtype)
         basis_in, basis_out = self._stored_bases(work, experts, grams, torch_dtype(basis_dtype_name))
         groups, kept_by_group = self._trimming_groups(work)
-        bank_of = {e: bank for bank, e in enumerate(sorted(e for kept in kept_by_group for e in kept))}
+        stored = range(num_experts) if options.trim_combine == "sum" else (e for kept in kept_by_group for e in kept)
+        bank_of = {e: bank for bank, e in enumerate(sorted(stored))}
         source = list(range(num_experts))  # the expert whose factors serve each expert
         errors = ErrorSums()
         for round_ in ranks.rounds(list(zip(groups, kept_by_group))):
@@ -124,7 +141,7 @@ class SharedBasisMethod(CompressionMethod):
                     outcome = ranks.share(fitted.pop(e, None), owner)
                     source[e] = outcome["source"]
                     errors.add({name: tuple(pair) for name, pair in zip(_PROJECTIONS, outcome["parts"].tolist())})
-                    if e in kept:
+                    if "gate_up" in outcome:  # a bank of its own: kept, or Eq. 8's sum
                         factors[e] = _BankFactors(outcome["gate_up"], outcome["down"])
                         self._emit_bank(work, bank_of[e], factors[e], neurons[e])
                     if work.write_back:
@@ -154,7 +171,12 @@ class SharedBasisMethod(CompressionMethod):
             release_heap_every_few_experts(e)
             gram_in, mid_gram = received[e]
             own, fit = self._fit_expert(work, experts, gram_in, e, basis_in, basis_out)
-            candidates = {e: own} if e in kept else {k: factors[k] for k in kept}
+            if e in kept:
+                candidates = {e: own}
+            elif self.options.trim_combine == "sum":
+                candidates = {e: _summed_factors([factors[k] for k in kept])}
+            else:
+                candidates = {k: factors[k] for k in kept}
             parts = {k: _error_parts(fit, experts.down[e], mid_gram, f, basis_out, inter)
                      for k, f in candidates.items()}
             # U-trimming (Eq. 7-8): the kept expert that reproduces e best (whitened distance)
@@ -163,7 +185,8 @@ class SharedBasisMethod(CompressionMethod):
                                                                    dtype=torch.float64, device=gram_in.device)}
             if e in kept:
                 factors[e] = own
-                outcome[e].update(gate_up=own.gate_up, down=own.down)
+            if chosen == e:  # a bank of its own: kept, or Eq. 8's sum
+                outcome[e].update(gate_up=candidates[e].gate_up, down=candidates[e].down)
             del fit, mid_gram
         return outcome
 
