@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -259,6 +261,33 @@ def test_atomic_directory_publishes_only_on_success(tmp_path):
     with pytest.raises(FileExistsError, match="already exists.*--force"):
         with atomic_directory(tmp_path / "x"):
             pass
+
+
+@pytest.mark.parametrize("sig,expected", [(signal.SIGTERM, SystemExit), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_that_surfaces_as_another_error_is_still_an_interruption(tmp_path, sig, expected):
+    """A signal landing inside a C extension (measured: safetensors' get_tensor under Ctrl-C raised
+    "ValueError: could not determine the shape ...") must keep a resumable partial directory like a plain
+    Ctrl-C / SIGTERM, and be raised as the interruption it was; a real error still removes it."""
+    before = {s: signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.getsignal(s))
+              for s in (signal.SIGINT, signal.SIGTERM)}
+    partial = tmp_path / ".x.partial"
+    with pytest.raises(expected) as raised:
+        with atomic_directory(tmp_path / "x", partial=partial, keep_on_interrupt=lambda: True):
+            (partial / "a").write_text("1")
+            try:
+                os.kill(os.getpid(), sig)
+                time.sleep(1)  # the handler runs here
+            except (KeyboardInterrupt, SystemExit) as error:
+                raise ValueError("could not determine the shape of object type") from error
+    assert isinstance(raised.value.__cause__, ValueError)
+    assert [p.name for p in tmp_path.iterdir()] == [".x.partial"] and (partial / "a").read_text() == "1"
+    with pytest.raises(ValueError):
+        with atomic_directory(tmp_path / "y", partial=tmp_path / ".y.partial", keep_on_interrupt=lambda: True):
+            raise ValueError("a real error")
+    assert not (tmp_path / ".y.partial").exists()
+    assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]  # the writer's handlers are gone again
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, before[signal.SIGINT])
 
 
 # ------------------------------------------------------------------------------------------ reading

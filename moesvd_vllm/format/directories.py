@@ -36,23 +36,32 @@ def check_output_dir(out_dir: str | os.PathLike, replace: bool) -> Path:
     return out_dir
 
 
-def _raise_system_exit(signum, frame):  # noqa: ARG001
-    raise SystemExit(128 + signum)
-
-
 @contextlib.contextmanager
-def _sigterm_as_exception() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit while writing, so `finally` blocks remove the partial directory."""
-    previous = signal.getsignal(signal.SIGTERM)
+def _signals_as_exceptions() -> Iterator[list[int]]:
+    """While writing, SIGTERM raises SystemExit and Ctrl-C KeyboardInterrupt (when Python's default handler
+    is installed), so `finally` blocks remove the partial directory; yields the signals received. A signal
+    that lands inside a C extension (safetensors' `get_tensor`) can surface as that extension's own error,
+    so the caller asks the list, not the exception's type, whether the run was interrupted."""
+    received: list[int] = []
+
+    def interrupt(signum, frame):  # noqa: ARG001
+        received.append(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    previous = {}
     try:
-        signal.signal(signal.SIGTERM, _raise_system_exit)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if sig == signal.SIGTERM or signal.getsignal(sig) is signal.default_int_handler:
+                previous[sig] = signal.signal(sig, interrupt)
     except ValueError:  # not the main thread: leave signals alone
-        previous = _raise_system_exit
+        pass
     try:
-        yield
+        yield received
     finally:
-        if previous is not _raise_system_exit:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _usual_permissions(directory: Path) -> None:
@@ -85,8 +94,9 @@ def atomic_directory(out_dir: str | os.PathLike, *, replace: bool = False, parti
         partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=PARTIAL_SUFFIX, dir=out_dir.parent))
     else:
         partial.mkdir(mode=0o700, exist_ok=True)
+    received: list[int] = []
     try:
-        with _sigterm_as_exception():
+        with _signals_as_exceptions() as received:
             yield partial
             _usual_permissions(partial)
             if out_dir.exists():
@@ -96,10 +106,16 @@ def atomic_directory(out_dir: str | os.PathLike, *, replace: bool = False, parti
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 partial.rename(out_dir)
-    except (KeyboardInterrupt, SystemExit):
+    except BaseException as error:
+        interrupted = isinstance(error, (KeyboardInterrupt, SystemExit)) or bool(received)
+        if not interrupted:
+            raise
         if keep_on_interrupt is not None and keep_on_interrupt():
             partial = None  # left for --resume
-        raise
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        # the signal surfaced as another error (see _signals_as_exceptions): report it as what it was
+        raise (KeyboardInterrupt() if received[0] == signal.SIGINT else SystemExit(128 + received[0])) from error
     finally:
         if partial is not None and partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
