@@ -64,6 +64,7 @@ def test_neuron_selection_shape_of_a_ratio():
     assert perf_models.synthetic_shape(QWEN3_30B, 0.4, neurons=False) == perf_models.SyntheticShape(rank=1216)
 
 
+@pytest.mark.slow  # several vLLM engines, about 3.5 min here
 def test_run_perf_tiny(tmp_path):
     """`run_perf.py --tiny`: tiny fixture, 1 layer, ratio 0.4 by the real compressor and by neuron selection
     (synthetic, format v2: no bases), offline engines and a served A/B (the first pair)."""

@@ -175,6 +175,7 @@ def test_package_data_globs_cover_the_bundled_files():
         assert any(fnmatch.fnmatch(path.name, glob) for glob in globs), path
 
 
+@pytest.mark.slow  # stock vLLM serving is in the default set through moe_fine (tests/test_bundled_fine_model.py)
 def test_stock_vllm_serves_it_with_the_same_greedy_tokens_and_logprobs(vllm_server, model, tokenizer):
     """vLLM's own Qwen3MoeForCausalLM (no plugin code involved) reproduces transformers in float32."""
     from serve.http import post_json

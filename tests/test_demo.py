@@ -8,10 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from moesvd_vllm.format.schema import read_moe_svd_config
 from serve.ab_stats import FASTER, NO_DIFFERENCE, SLOWER
 
 
+# the README's main command end to end (about 5 min here, the longest test): in the slow set; its parts
+# (compress, serve, A/B, the speed leg's statistics) are tested separately in the default set
+@pytest.mark.slow
 def test_demo_compresses_serves_compares_and_runs_the_speed_leg(tmp_path):
     out = tmp_path / "demo"
     moesvd = Path(sys.executable).with_name("moesvd")

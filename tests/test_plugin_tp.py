@@ -28,7 +28,7 @@ from tests.support.plugin import TP2, float32_tolerance, max_logprob_difference,
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = [("qwen3_moe", "banks"), ("mixtral", "neurons")]
+CHECKPOINTS = [("qwen3_moe", "banks"), pytest.param("mixtral", "neurons", marks=pytest.mark.slow)]
 
 
 def _compare(compressed_checkpoint, served_scores, arch, recipe, parallel: dict) -> float:
