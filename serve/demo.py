@@ -128,10 +128,10 @@ def run_demo(options: DemoOptions, out: Path) -> dict:
             repeats=BUNDLED_ROUNDS, min_round_seconds=BUNDLED_ROUND_SECONDS, tasks=options.tasks,
             limit=options.task_limit, out=out / "ab", show_progress=False))
         print(report.to_console())
-        print(f"      Note: the bundled model is too small for its MoE blocks to dominate its step time "
-              f"(hidden 128, 8 experts of 256 neurons: attention, sampling, scheduling and HTTP weigh as "
-              f"much), so its speed ratio above says little about a production model. Step 5 measures "
-              f"speed where the experts dominate.")
+        print("      Note: the bundled model is too small for its MoE blocks to dominate its step time "
+              "(hidden 128, 8 experts of 256 neurons: attention, sampling, scheduling and HTTP weigh as "
+              "much), so its speed ratio above says little about a production model. Step 5 measures "
+              "speed where the experts dominate.")
         summary["ab"] = {"dir": str(out / "ab"), "headline": report.headline(), "complete": report.complete,
                          "speed": _speed_summary(report), "tasks": (report.tasks or {}).get("rows")}
         summary["timings_s"]["bundled_ab"] = time.monotonic() - started

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moesvd_vllm.format.schema import MoESVDConfig, SchemaError, SkippingSpec
+from moesvd_vllm.format.schema import MoESVDConfig, SchemaError
 from moesvd_vllm.skipping import (
     SkippingError,
     combine_pairs,

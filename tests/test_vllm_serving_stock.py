@@ -19,7 +19,8 @@ from transformers import AutoTokenizer
 
 from moesvd_vllm.architectures import ARCHITECTURES
 from serve.http import get_text, metric_value, parse_metrics, post_json
-from serve.launch import ServerOptions, VLLMServer
+from serve.launch import VLLMServer
+from tests.support.servers import server_options_for_tests
 from tests.support.tolerance import served_logprob_tolerance
 
 logger = logging.getLogger(__name__)
@@ -69,9 +70,7 @@ def served(request, tiny_model_dir, vllm_server):
         logger.info("stock vLLM %s: ready after %.0f s", arch, server.startup_seconds)
         yield arch, model_dir, server
         return
-    options = ServerOptions(model=str(model_dir), dtype=dtype, enforce_eager=True,
-                            extra_args=server_extra_args(arch))
-    with VLLMServer(options) as server:
+    with VLLMServer(server_options_for_tests(model_dir, dtype=dtype, extra_args=server_extra_args(arch))) as server:
         logger.info("stock vLLM %s: ready after %.0f s", arch, server.startup_seconds)
         yield arch, model_dir, server
 

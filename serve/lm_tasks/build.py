@@ -14,7 +14,6 @@ import json
 import random
 import re
 import sys
-from pathlib import Path
 
 from serve.lm_tasks import TASKS_DIR
 

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from offline.full_rank import write_expanded_dense_checkpoint, write_full_rank_checkpoint
 from serve.http import post_json
 from serve.launch import ServerOptions, VLLMServer
+from tests.support.servers import server_options_for_tests
 
 DECOMPOSED_LAYERS = (0, 1, 2)
 BANK_MAPS = {1: (0, 0, 0, 1, 1, 1, 2, 2)}
@@ -350,9 +351,7 @@ class Served:
 
 
 def serve_options(model_dir: Path, **options) -> ServerOptions:
-    options.setdefault("dtype", "float32")
-    options.setdefault("enforce_eager", True)
-    return ServerOptions(model=str(model_dir), **options)
+    return server_options_for_tests(model_dir, **options)
 
 
 def _options_key(model_dir: Path, options: dict) -> tuple:
