@@ -24,8 +24,8 @@ from tests.support.plugin import arch_server_options, float32_tolerance, referen
 logger = logging.getLogger(__name__)
 
 ARCHITECTURES = [
-    "qwen2_moe",
-    "deepseek_v3",
+    "deepseek_v3",  # MLA: the most different layout stays in the default set (qwen3_moe and mixtral: test_plugin.py)
+    pytest.param("qwen2_moe", marks=pytest.mark.slow),
     pytest.param("olmoe", marks=pytest.mark.slow),
     pytest.param("phimoe", marks=pytest.mark.slow),
     pytest.param("deepseek_v2", marks=pytest.mark.slow),

@@ -214,6 +214,7 @@ def test_interrupted_run_leaves_nothing_and_reruns(tiny_compressed, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ served
+@pytest.mark.slow  # ~2 min (compress + recover the bundled model + a server); test_plugin.py serves compressed checkpoints exactly
 def test_recovered_bundled_checkpoint_serves_like_the_reference(tmp_path_factory, vllm_server):
     from offline.bundled import bundled_model_dir
     from offline.compress import CompressionOptions, compress

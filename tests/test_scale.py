@@ -135,6 +135,7 @@ def _kill_once_journaled(cmd: list[str], journal: Path, kind: str) -> None:
     proc.communicate(timeout=60)
 
 
+@pytest.mark.slow  # ~100 s; SIGINT / SIGTERM resumes are in the default set (tests/test_compress.py)
 def test_sigkill_then_resume_gives_the_uninterrupted_checkpoint(tiny_model_dir, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir("qwen3_moe"), model)

@@ -1,6 +1,7 @@
 """Session-wide vLLM servers: each distinct server is started once and shared by the test files.
 
-A vLLM server on CPU holds about 1.7 GiB here (API server, engine core and worker, each with torch)
+A vLLM server on CPU holds about 1.7 GiB here (API server, engine core and worker, each with torch;
+about 1.1 GiB with the engine in one process, below)
 even with a small KV cache, so a whole suite's servers kept to the end would exhaust a 24 GiB machine
 (CI once failed that way: the demo's servers could not start). At the start of every test module the
 least recently used servers beyond `SERVERS_KEPT` are stopped; a module that needs one again restarts
@@ -23,7 +24,7 @@ from serve.launch import ServerOptions, VLLMServer
 logger = logging.getLogger(__name__)
 
 # Servers kept running from one test module to the next (override: MOESVD_TEST_SERVERS_KEPT).
-SERVERS_KEPT = int(os.environ.get("MOESVD_TEST_SERVERS_KEPT", "2"))
+SERVERS_KEPT = int(os.environ.get("MOESVD_TEST_SERVERS_KEPT", "4"))
 # KV cache of a test server: the fixtures are tiny (hidden <= 256, <= 4 layers, 512-token prompts),
 # so 256 MiB holds hundreds of thousands of tokens; vLLM-CPU's default is a whole GiB per server.
 TEST_KV_CACHE_BYTES = 256 * 2**20
