@@ -1,8 +1,7 @@
 """Session-wide vLLM servers: each distinct server is started once and shared by the test files.
 
-A vLLM server on CPU holds about 1.7 GiB here (API server, engine core and worker, each with torch;
-about 1.1 GiB with the engine in one process, below)
-even with a small KV cache, so a whole suite's servers kept to the end would exhaust a 24 GiB machine
+A vLLM server on CPU holds about 1.9 GB here (RSS with the engine in one process, below: API server
+0.8, engine core 1.1; each imports torch) even with a small KV cache, so a whole suite's servers kept to the end would exhaust a 24 GiB machine
 (CI once failed that way: the demo's servers could not start). At the start of every test module the
 least recently used servers beyond `SERVERS_KEPT` are stopped; a module that needs one again restarts
 it. Fixtures that hand out servers are therefore module-scoped.
