@@ -3,7 +3,8 @@
     PYTHONPATH=. .venv/bin/python -m offline.skip_quality offline/bundled/moe_mini \
         --data offline/bundled/kjv_text/test.txt --betas 0,0.1,0.2,0.3,0.5,0.7,1 --json OUT.json
 
-For each beta (the same for every MoE layer, through load_reference_model's `skip_beta`): the share of
+For each beta (the same for every MoE layer, through load_reference_model's `skip_beta`; `stored` is the
+checkpoint's own per-layer betas, as `moesvd skip --skip-target` calibrated them): the share of
 non-top-1 (token, expert) pairs skipped on the text, perplexity, the mean KL(no skipping || skipping) of
 the next-token distributions and the top-1 agreement with the model without skipping. Windows as
 `moesvd eval-ppl` cuts them (the first token of a window is context only).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from offline.eval_ppl import load_tokenizer, make_windows
 from offline.reference import load_reference_model
 from offline.skipping import SkippingExperts
 
+log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def _logprobs(model, windows, batch_size: int = 8) -> torch.Tensor:
@@ -30,7 +33,14 @@ def _logprobs(model, windows, batch_size: int = 8) -> torch.Tensor:
     return torch.cat(outs)
 
 
-def evaluate(model_dir: str, text: str, betas: list[float], seq_len: int = 128, max_tokens: int | None = 16384
+def _skip_beta_argument(beta: float | str) -> str | None:
+    """load_reference_model's `skip_beta` for one row: None keeps the checkpoint's stored betas."""
+    if beta == "stored":
+        return None
+    return str(beta) if beta > 0 else "off"
+
+
+def evaluate(model_dir: str, text: str, betas: list[float | str], seq_len: int = 128, max_tokens: int | None = 16384
              ) -> list[dict]:
     tokenizer = load_tokenizer(model_dir)
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
@@ -40,7 +50,7 @@ def evaluate(model_dir: str, text: str, betas: list[float], seq_len: int = 128, 
     top_k = None
     rows = []
     for beta in betas:
-        model = load_reference_model(model_dir, skip_beta=str(beta) if beta > 0 else "off")
+        model = load_reference_model(model_dir, skip_beta=_skip_beta_argument(beta))
         logprobs = _logprobs(model, windows)
         wrappers = [m for m in model.modules() if isinstance(m, SkippingExperts)]
         routed = sum(w.routed_pairs for w in wrappers)
@@ -53,8 +63,8 @@ def evaluate(model_dir: str, text: str, betas: list[float], seq_len: int = 128, 
         agree = (base.argmax(-1) == logprobs.argmax(-1)).double().mean().item()
         rows.append({"beta": beta, "skip_fraction": skipped / non_top1 if non_top1 else 0.0, "ppl": math.exp(nll),
                      "kl": kl, "top1_agreement": agree, "tokens": int(targets.numel())})
-        print(f"beta {beta:5.2f}: skip {rows[-1]['skip_fraction']:.3f}  ppl {rows[-1]['ppl']:.3f}  "
-              f"KL {kl:.5f}  top-1 {agree:.4f}")
+        log.info("beta %s: skip %.3f  ppl %.3f  KL %.5f  top-1 %.4f", beta, rows[-1]["skip_fraction"],
+                 rows[-1]["ppl"], kl, agree)
     return rows
 
 
@@ -62,13 +72,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
     parser.add_argument("--data", required=True)
-    parser.add_argument("--betas", default="0,0.1,0.2,0.3,0.4,0.5,0.7,1")
+    parser.add_argument("--betas", default="0,0.1,0.2,0.3,0.4,0.5,0.7,1",
+                        help="comma-separated betas in [0, 1]; `stored` = the checkpoint's per-layer betas")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    rows = evaluate(args.model_dir, Path(args.data).read_text(encoding="utf-8"),
-                    [float(b) for b in args.betas.split(",")], args.seq_len, args.max_tokens)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    betas = [b if b == "stored" else float(b) for b in args.betas.split(",")]
+    rows = evaluate(args.model_dir, Path(args.data).read_text(encoding="utf-8"), betas, args.seq_len,
+                    args.max_tokens)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0

@@ -148,6 +148,21 @@ def test_reference_applies_the_rule(skip_only_checkpoint):
     assert not any(isinstance(layer.mlp.experts, SkippingExperts) for layer in plain.model.layers)
 
 
+def test_quality_tool_counts_skips_and_measures_the_cost(skip_only_checkpoint):
+    from offline.skip_quality import evaluate
+
+    text = (CALIB.parent / "test.txt").read_text(encoding="utf-8")
+    rows = evaluate(str(skip_only_checkpoint), text, [0, "stored", 1.0], seq_len=64, max_tokens=1024)
+    off, stored, top1_only = rows
+    assert off["skip_fraction"] == 0 and off["kl"] == 0 and off["top1_agreement"] == 1
+    # beta 1 keeps only the top-1 expert (ties have measure zero); the stored betas target TARGET on
+    # calibration text, so on other text of the same domain they skip a share near it (16 x 128 calibration
+    # pairs against 1,024 scored tokens: a loose band)
+    assert top1_only["skip_fraction"] == pytest.approx(1.0, abs=1e-3)
+    assert abs(stored["skip_fraction"] - TARGET) < 0.15
+    assert 0 < stored["kl"] < top1_only["kl"] and stored["ppl"] < top1_only["ppl"]
+
+
 # ------------------------------------------------------------------------------------------ served
 def _metric(text: str, name: str, model: str) -> float:
     match = re.search(rf'^{name}{{model_name="{re.escape(model)}"}} ([0-9.e+]+)$', text, re.M)
