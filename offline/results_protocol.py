@@ -4,7 +4,7 @@ in-domain and out-of-domain, validation for choosing, test reported once.
     python -m offline.results_protocol --work /tmp/moesvd-protocol            # the whole grid (hours)
     python -m offline.results_protocol --models moe_fine --ratios 0.4 0.6 --render-only
 
-One command regenerates docs/results-protocol.json and the protocol section of docs/results-protocol.md.
+One command regenerates docs/results-protocol.json and the protocol section of docs/results.md.
 For each model, ratio and calibration seed the default method runs first; every other variant targets
 the routed-expert ratio the default achieved (same parameter count; each cell records its own). Each
 checkpoint is scored with the PyTorch reference (float32) on the validation and test windows of every
