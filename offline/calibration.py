@@ -9,6 +9,10 @@ Statistics (per MoE layer, `ExpertStatistics`), gathered by a forward pre-hook o
   Y_i^T Y_i of the expert's intermediate activations (input of down), plus the whole layer's X^T X.
   The per-expert ones are formed on demand, one expert at a time, from the kept routed inputs
   (`RoutedInputs`): holding all of them is O(E H^2), 3.6x a bf16 layer at Qwen3-30B-A3B shapes.
+
+The same statistics from 1 or N processes, bit for bit: the layer-wide float64 sums are exact sums
+(offline/exact_sum.py) until read, and an expert's Grams are formed from all ranks' rows in batch order
+(`Ranks.batches_in_order`), never by adding per-rank partial Grams.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 from offline.distributed import Ranks
+from offline.exact_sum import ExactSum
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +42,8 @@ def gram(rows: torch.Tensor, scale: torch.Tensor | None = None, segments: list[i
     (`damp` 1e-4 of the mean diagonal) that regularises every Gram before it is factored.
 
     `segments` (row counts summing to T, the rows of each calibration batch): no chunk spans two, so the
-    float32 partials are the same however the batches are spread over processes (offline/distributed.py);
-    only the float64 sum's order changes (~1e-16)."""
+    float32 partials and their float64 sum are the same as one process's when the rows are all of them in
+    batch order (offline/distributed.py)."""
     out = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
     first = 0
     for count in (segments if segments is not None else [rows.shape[0]]):
@@ -125,25 +130,46 @@ class ExpertStatistics:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the sums live
     routed_tokens: torch.Tensor = field(init=False)  # [E] tokens routed to each expert (Eq. 9 numerator)
     total_tokens: int = field(init=False, default=0)  # real (unpadded) tokens seen
-    abs_sum: torch.Tensor = field(init=False)  # [E] sum |activation| over the expert's activations
     num_activations: torch.Tensor = field(init=False)  # [E]
     routed: RoutedInputs | None = field(init=False, default=None)  # inputs + top-k choice (Grams on demand)
     experts: nn.Module | None = field(init=False, default=None, repr=False)  # the layer's routed experts
-    gram_mid_sum: torch.Tensor | None = field(init=False, default=None)  # [I, I] sum over experts of Y_e^T Y_e
-    gram_layer: torch.Tensor | None = field(init=False, default=None)  # [H, H] all real tokens
-    gram_out: torch.Tensor | None = field(init=False, default=None)  # [H, H] routed-experts output y
     outliers: torch.Tensor | None = field(init=False, default=None)  # [E] counts above tau*mean
+    # the float64 sums, exact until read (offline/exact_sum.py); read through the properties below
+    sums: dict[str, ExactSum] = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         e, at = self.num_experts, dict(device=self.device)
         self.routed_tokens = torch.zeros(e, dtype=torch.int64, **at)
-        self.abs_sum = torch.zeros(e, dtype=torch.float64, **at)
         self.num_activations = torch.zeros(e, dtype=torch.int64, **at)
+        self.sums["abs"] = ExactSum((e,), self.device)
         if self.collect_grams:
             self.routed = RoutedInputs()
-            self.gram_mid_sum = torch.zeros(self.intermediate, self.intermediate, dtype=torch.float64, **at)
-            self.gram_layer = torch.zeros(self.hidden, self.hidden, dtype=torch.float64, **at)
-            self.gram_out = torch.zeros(self.hidden, self.hidden, dtype=torch.float64, **at)
+            self.sums["mid"] = ExactSum((self.intermediate, self.intermediate), self.device)
+            self.sums["layer"] = ExactSum((self.hidden, self.hidden), self.device)
+            self.sums["out"] = ExactSum((self.hidden, self.hidden), self.device)
+
+    def _sum(self, name: str) -> torch.Tensor | None:
+        return self.sums[name].value() if name in self.sums else None
+
+    @property
+    def abs_sum(self) -> torch.Tensor:
+        """[E] sum of |activation| over the expert's activations."""
+        return self._sum("abs")
+
+    @property
+    def gram_mid_sum(self) -> torch.Tensor | None:
+        """[I, I] sum over experts of Y_e^T Y_e (the prior of every expert's intermediate Gram)."""
+        return self._sum("mid")
+
+    @property
+    def gram_layer(self) -> torch.Tensor | None:
+        """[H, H] X^T X of all real tokens of the layer."""
+        return self._sum("layer")
+
+    @property
+    def gram_out(self) -> torch.Tensor | None:
+        """[H, H] y^T y of the routed experts' combined output."""
+        return self._sum("out")
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -160,25 +186,40 @@ class ExpertStatistics:
             raise RuntimeError("outlier counts were not collected for this layer")
         return self.outliers.double() / self.num_activations.clamp(min=1).double()
 
-    def _expert_inputs(self, expert: int) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
-        """The expert's routed rows, their routing weights (with `routing_weighted`) and rows per batch."""
+    def _expert_inputs(self, expert: int, ranks: Ranks | None, owner: int | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
+        """The expert's routed rows, their routing weights (with `routing_weighted`) and rows per batch,
+        of every rank's batches in batch order (`Ranks.batches_in_order`), on `owner` (None elsewhere;
+        owner None: on every rank)."""
         if self.routed is None:
             raise RuntimeError("Gram matrices were not collected for this layer (collect_grams=False)")
         rows, weights = self.routed.expert_rows(expert)
+        segments = self.routed.expert_segments(expert)
         if rows.shape[-1] != self.hidden:  # no routed inputs at all (a rank without calibration windows)
-            return torch.zeros(0, self.hidden, device=self.device), None, []
-        return rows, (weights if self.routing_weighted else None), self.routed.expert_segments(expert)
+            rows, weights, segments = torch.zeros(0, self.hidden, device=self.device), torch.zeros(0), []
+        gathered = (ranks or Ranks()).batches_in_order([rows, weights], segments, owner)
+        if gathered is None:
+            return None
+        (rows, weights), segments = gathered
+        return rows, (weights if self.routing_weighted else None), segments
 
-    def input_gram(self, expert: int) -> torch.Tensor:
+    def input_gram(self, expert: int, ranks: Ranks | None = None, owner: int | None = None
+                   ) -> torch.Tensor | None:
         """X_e^T X_e [H, H] float64 over the tokens routed to `expert` (App. D.2), each row scaled by its
-        routing weight with `routing_weighted` (the block output scales expert e's output by it)."""
-        rows, weights, segments = self._expert_inputs(expert)
-        return gram(rows, weights, segments)
+        routing weight with `routing_weighted` (the block output scales expert e's output by it). With
+        `ranks`: over every rank's tokens, on `owner` only (None elsewhere) or on every rank."""
+        inputs = self._expert_inputs(expert, ranks, owner)
+        return None if inputs is None else gram(*inputs)
 
-    def mid_gram(self, expert: int) -> torch.Tensor:
+    def mid_gram(self, expert: int, ranks: Ranks | None = None, owner: int | None = None
+                 ) -> torch.Tensor | None:
         """Y_e^T Y_e [I, I] float64 of the expert's intermediate activations (the input of its down
-        projection), recomputed from its routed inputs with the `experts` module."""
-        rows, weights, segments = self._expert_inputs(expert)
+        projection), recomputed from its routed inputs with the `experts` module; `ranks` and `owner`
+        as for `input_gram`."""
+        inputs = self._expert_inputs(expert, ranks, owner)
+        if inputs is None:
+            return None
+        rows, weights, segments = inputs
         if rows.shape[0] == 0:
             return torch.zeros(self.intermediate, self.intermediate, dtype=torch.float64, device=self.device)
         with torch.no_grad():
@@ -187,12 +228,12 @@ class ExpertStatistics:
 
     def sum_over_ranks(self, ranks: Ranks) -> None:
         """Every rank's sums added up (each rank saw its own calibration windows), in place; the routed
-        inputs stay per rank (each expert's Grams are summed when formed, `ExpertGrams`)."""
+        inputs stay per rank (an expert's Grams gather them when formed)."""
         if not ranks.distributed:
             return
         self.total_tokens = ranks.all_reduce_int(self.total_tokens)
-        ranks.all_reduce(*(t for t in (self.routed_tokens, self.abs_sum, self.num_activations, self.gram_mid_sum,
-                                        self.gram_layer, self.gram_out) if t is not None))
+        ranks.all_reduce(self.routed_tokens, self.num_activations)
+        self.sums = {name: ranks.exact_sum(total) for name, total in self.sums.items()}
 
     def sum_outliers_over_ranks(self, ranks: Ranks) -> None:
         if ranks.distributed:
@@ -240,9 +281,9 @@ class ExpertStatisticsHook:
 
     def _output_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         """Gram of the routed experts' combined output y = sum_e w_e E_e(x) (real tokens only)."""
-        if self.outlier_threshold is not None or self.stats.gram_out is None:
+        if self.outlier_threshold is not None or "out" not in self.stats.sums:
             return
-        self.stats.gram_out += gram(output.reshape(-1, output.shape[-1])[self.token_mask.reshape(-1)])
+        self.stats.sums["out"].add(gram(output.reshape(-1, output.shape[-1])[self.token_mask.reshape(-1)]))
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
         hidden, top_k_index, top_k_weights = args[0], args[1], args[2]
@@ -260,8 +301,10 @@ class ExpertStatisticsHook:
         s = self.stats
         s.total_tokens += hidden.shape[0]
         if s.routed is not None:
-            s.gram_layer += gram(hidden)
+            s.sums["layer"].add(gram(hidden))
             s.routed.append(hidden, top_k_index, top_k_weights)
+        abs_sums = torch.zeros(s.num_experts, dtype=torch.float64, device=s.device)
+        mid_sum = None
         for expert in range(s.num_experts):
             routed = (top_k_index == expert).any(dim=-1)
             count = int(routed.sum())
@@ -269,11 +312,15 @@ class ExpertStatisticsHook:
                 continue
             act = expert_activations(self.experts, expert, hidden[routed])
             s.routed_tokens[expert] += count
-            s.abs_sum[expert] += act.abs().double().sum()
+            abs_sums[expert] = act.abs().double().sum()
             s.num_activations[expert] += act.numel()
-            if s.gram_mid_sum is not None:  # the prior of every expert's intermediate Gram
+            if "mid" in s.sums:  # the prior of every expert's intermediate Gram
                 w = (top_k_weights[routed] * (top_k_index[routed] == expert)).sum(-1)
-                s.gram_mid_sum += gram(act, w if s.routing_weighted else None)
+                part = gram(act, w if s.routing_weighted else None)
+                mid_sum = part if mid_sum is None else mid_sum.add_(part)  # one batch: the same in every layout
+        s.sums["abs"].add(abs_sums)
+        if mid_sum is not None:
+            s.sums["mid"].add(mid_sum)
 
     def _count_outliers(self, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
         s = self.stats

@@ -4,11 +4,13 @@
 process: gloo on the CPU, NCCL on GPUs. The work is split two ways:
 
 * calibration windows: rank r runs the batches r, r + N, r + 2N, ... through every layer; the statistics
-  (routing counts, activation sums, the layer-wide Grams) are summed over ranks (`all_reduce`);
+  are summed over ranks: counts with `all_reduce`, the layer-wide float64 sums (Grams, activation sums)
+  exactly (`exact_sum`, offline/exact_sum.py), so that they do not depend on the number of ranks;
 * experts: the per-expert stages (neuron selection, the fits) visit the experts (or U-trimming groups) in
-  rounds of N; in a round every rank adds its windows' share of each item's Grams, summed on the item's
-  owner (`reduce`), each owner fits its own item, then the results are broadcast from their owners
-  (`share`) and applied by every rank in item order, so every rank holds the same compressed layer.
+  rounds of N; in a round every rank sends its windows' rows of each item to the item's owner
+  (`batches_in_order`), which forms the item's Grams from them in batch order, as one process does, and
+  fits it; then the results are broadcast from their owners (`share`) and applied by every rank in item
+  order, so every rank holds the same compressed layer.
 
 Rank 0 is the one writer. One process (no torchrun) is `Ranks()`: every collective is a no-op and the
 pipeline runs exactly as before.
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from moesvd_vllm.errors import MoESVDError
+from offline.exact_sum import ExactSum
 
 logger = logging.getLogger(__name__)
 
@@ -79,14 +82,50 @@ class Ranks:
         dist.all_reduce(total)
         return int(total.item())
 
-    def reduce(self, tensor: torch.Tensor, owner: int | None) -> torch.Tensor | None:
-        """The sum over ranks of `tensor` on `owner` (None on the other ranks); `owner` None: on every rank."""
-        if owner is None:
-            self.all_reduce(tensor)
-            return tensor
-        if self.distributed:
-            dist.reduce(tensor, dst=owner, op=dist.ReduceOp.SUM)
-        return tensor if owner == self.rank else None
+    def exact_sum(self, total: ExactSum) -> ExactSum:
+        """The sum over ranks of every rank's `total`, on every rank: exact until read, so the same
+        float64 values as one process that added all the terms itself (offline/exact_sum.py)."""
+        if not self.distributed:
+            return total
+        pair = total.pair().to(self.device)
+        gathered = [torch.empty_like(pair) for _ in range(self.size)]
+        dist.all_gather(gathered, pair)
+        return ExactSum.of_pairs([g.to(total.hi.device) for g in gathered])
+
+    def batches_in_order(self, tensors: list[torch.Tensor], segments: list[int], owner: int | None
+                         ) -> tuple[list[torch.Tensor], list[int]] | None:
+        """Rows that this rank holds for its calibration batches (`segments`: rows per batch, batches r,
+        r + N, ... in order), with every other rank's, in global batch order: what one process holds.
+        On `owner` (None on the other ranks), or on every rank when `owner` is None."""
+        if not self.distributed:
+            return tensors, segments
+        every_segments: list[list[int]] = [[] for _ in range(self.size)]
+        dist.all_gather_object(every_segments, segments)
+        longest = max(sum(s) for s in every_segments)
+        received = []
+        for tensor in tensors:
+            padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=self.device)
+            padded[:tensor.shape[0]] = tensor.to(self.device)
+            if owner is None:
+                gathered = [torch.empty_like(padded) for _ in range(self.size)]
+                dist.all_gather(gathered, padded)
+            else:
+                gathered = [torch.empty_like(padded) for _ in range(self.size)] if self.rank == owner else None
+                dist.gather(padded, gathered, dst=owner)
+            received.append(gathered)
+        if owner is not None and owner != self.rank:
+            return None
+        pieces: dict[int, list[torch.Tensor]] = {}  # global batch index -> its rows of each tensor
+        for r, rank_segments in enumerate(every_segments):
+            start = 0
+            for j, count in enumerate(rank_segments):
+                pieces[r + j * self.size] = [g[r][start:start + count] for g in received]
+                start += count
+        order = sorted(pieces)
+        if not order:
+            return [t[:0] for t in tensors], []
+        out = [torch.cat([pieces[b][i] for b in order]).to(t.device) for i, t in enumerate(tensors)]
+        return out, [pieces[b][0].shape[0] if tensors else 0 for b in order]
 
     def share(self, result: dict[str, Any] | None, owner: int) -> dict[str, Any]:
         """`result` (tensors and plain values) of rank `owner`, on every rank: the layout first, as one

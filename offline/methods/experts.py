@@ -33,9 +33,9 @@ class ExpertGrams:
     """Per-expert Grams formed at the point of use, each with a small prior from the layer-wide average
     (`prior_tokens` tokens of it) and `damp` * mean(diag) on the diagonal; one expert's at a time.
 
-    Across ranks (offline/distributed.py) each rank forms its calibration windows' share and the shares are
-    summed before the regularisation: on every rank (`owner` None) or on the rank `owner` only (the others
-    get None), for the expert-parallel stages."""
+    Across ranks (offline/distributed.py) the expert's rows of every rank's calibration windows are
+    gathered in batch order and its Grams formed from them as one process forms them: on every rank
+    (`owner` None) or on the rank `owner` only (the others get None), for the expert-parallel stages."""
 
     def __init__(self, stats: ExpertStatistics, options: CompressionOptions, ranks: Ranks | None = None):
         self.stats, self.options = stats, options
@@ -48,13 +48,13 @@ class ExpertGrams:
 
     def input(self, expert: int, owner: int | None = None) -> torch.Tensor | None:
         """X_e^T X_e [H, H] of the expert's routed inputs, regularised."""
-        total = self.ranks.reduce(self.stats.input_gram(expert), owner)
+        total = self.stats.input_gram(expert, self.ranks, owner)
         return None if total is None else self._regularized(total, self.in_prior)
 
     def mid(self, expert: int, owner: int | None = None) -> torch.Tensor | None:
         """Y_e^T Y_e [I, I] of the expert's intermediate activations (the down projection's input),
         regularised; computed from the layer's current expert weights."""
-        total = self.ranks.reduce(self.stats.mid_gram(expert), owner)
+        total = self.stats.mid_gram(expert, self.ranks, owner)
         return None if total is None else self._regularized(total, self.mid_prior)
 
 
