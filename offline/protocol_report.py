@@ -77,13 +77,21 @@ def selection_score(row: dict) -> tuple[float, float]:
 
 def validation_winners(entry: dict, servable_only: bool = False) -> dict[float, str]:
     """Per ratio, the variant with the lowest `selection_score` on the validation split (among the ones
-    vLLM's fused MoE kernels serve, with `servable_only`)."""
-    from offline.results_protocol import variant_named
+    vLLM's fused MoE kernels serve, with `servable_only`). Scores equal to 6 digits (variants that wrote the
+    same checkpoint up to float noise, e.g. the output-basis variant where the default keeps no bases) go
+    to the earlier variant in `VARIANTS`, the default first."""
+    from offline.results_protocol import VARIANTS, variant_named
+
+    order = [v.label for v in VARIANTS]
+
+    def key(label: str) -> tuple[float, float, int]:
+        worst, in_domain = selection_score(rows[label])
+        return round(worst, 6), round(in_domain, 6), order.index(label)
 
     winners = {}
     for ratio, rows in summarize(entry, "validation").items():
         labels = [label for label in rows if variant_named(label).servable or not servable_only]
-        winners[ratio] = min(labels, key=lambda label: selection_score(rows[label]))
+        winners[ratio] = min(labels, key=key)
     return winners
 
 
