@@ -99,12 +99,17 @@ class Ranks:
         On `owner` (None on the other ranks), or on every rank when `owner` is None."""
         if not self.distributed:
             return tensors, segments
-        every_segments: list[list[int]] = [[] for _ in range(self.size)]
-        dist.all_gather_object(every_segments, segments)
+        meta: list[Any] = [None] * self.size  # every rank's segments and dtypes
+        dist.all_gather_object(meta, (segments, [str(t.dtype) for t in tensors]))
+        every_segments = [m[0] for m in meta]
         longest = max(sum(s) for s in every_segments)
+        # a rank without rows (fewer batches than ranks) made empty tensors of a guessed dtype: use the
+        # dtype of the first rank that has rows, so every rank's collective sees the same dtype
+        holder = next((m for m in meta if sum(m[0]) > 0), meta[self.rank])
         received = []
-        for tensor in tensors:
-            padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=self.device)
+        for tensor, dtype_name in zip(tensors, holder[1]):
+            dtype = getattr(torch, dtype_name.removeprefix("torch."))
+            padded = torch.zeros((longest, *tensor.shape[1:]), dtype=dtype, device=self.device)
             padded[:tensor.shape[0]] = tensor.to(self.device)
             if owner is None:
                 gathered = [torch.empty_like(padded) for _ in range(self.size)]

@@ -97,6 +97,22 @@ def test_two_processes_give_the_checkpoint_of_one(tiny_model_dir, tmp_path, whic
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no journal, no partial left
 
 
+def test_a_rank_without_calibration_windows_gives_the_checkpoint_of_one(tmp_path):
+    """One calibration batch for two processes: rank 1 routes no rows, and its empty tensors must meet
+    rank 0's bf16 rows in the same collectives (the bf16 bundled model, so the dtypes differ)."""
+    model = REPO / "offline" / "bundled" / "moe_fine"
+    one_batch = ["--num-samples", "2", "--seq-len", "32", "--batch-size", "2"]
+    one = subprocess.run(_cli(model, tmp_path / "one", *one_batch), env=_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "moesvd_vllm.cli"]
+    two = subprocess.run(torchrun + _cli(model, tmp_path / "two", *one_batch)[3:], env=_env(),
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    _assert_same_checkpoint(tmp_path / "one", tmp_path / "two")
+
+
 @pytest.mark.slow
 def test_two_nodes_on_loopback_give_the_checkpoint_of_one(tiny_model_dir, tmp_path):
     """Two torchrun "nodes" of one process each on this machine (static rendezvous on 127.0.0.1), as two
