@@ -34,6 +34,7 @@ from moesvd_vllm.architectures import MoEDims, moe_layout
 from moesvd_vllm.format.safetensors_io import torch_dtype
 from moesvd_vllm.errors import MoESVDError
 from moesvd_vllm.format.schema import CONFIG_KEY, LayerSpec, MoESVDConfig, SchemaError
+from moesvd_vllm.grouped_bases import GroupedBases, StackedBasis, per_group_views, run_grouped
 from moesvd_vllm.skip_kernel import run_skipping
 
 logger = logging.getLogger("vllm.moesvd_vllm.layers")
@@ -153,6 +154,7 @@ class SharedBasisExperts(FusedMoEMethodBase):
         self.block_prefix = block
         self.remap = list(spec.bank_map) != list(range(spec.num_experts))
         self.has_bases = spec.bases
+        self.groups = spec.basis_groups  # G > 1: group-wise bases, stacked (moesvd_vllm/grouped_bases.py)
         self.skip_beta = skip_beta  # dynamic expert skipping (moesvd_vllm/skipping.py); 0: off
 
     # ------------------------------------------------------------------------------------- weights
@@ -186,12 +188,20 @@ class SharedBasisExperts(FusedMoEMethodBase):
             # model keep their precision); the dtype is fixed here, once. vLLM's ReplicatedLinear: the same
             # matrix on every rank, run by vLLM's own GEMM dispatch (prepacked on CPU).
             self.compute_dtype = torch.promote_types(params_dtype, self.basis_dtype)
-            for name, (size_in, size_out) in ((INPUT_BASIS, (self.hidden_size, self.rank)),
-                                              (OUTPUT_BASIS, (self.rank, self.hidden_size))):
-                basis = ReplicatedLinear(size_in, size_out, bias=False, params_dtype=self.compute_dtype,
-                                         quant_config=None, prefix=f"{layer.layer_name}.{name}",
-                                         return_bias=False)
+            stacked = self.groups * self.rank
+            for name, (size_in, size_out) in ((INPUT_BASIS, (self.hidden_size, stacked)),
+                                              (OUTPUT_BASIS, (stacked, self.hidden_size))):
+                if self.groups > 1:  # read in group slices (moesvd_vllm/grouped_bases.py)
+                    basis = StackedBasis((size_out, size_in), self.compute_dtype, self.checkpoint_names[name])
+                else:
+                    basis = ReplicatedLinear(size_in, size_out, bias=False, params_dtype=self.compute_dtype,
+                                             quant_config=None, prefix=f"{layer.layer_name}.{name}",
+                                             return_bias=False)
                 layer.add_module(name, basis)
+        if self.groups > 1:
+            group_of_expert = torch.tensor([self.spec.group_of_expert(e) for e in range(self.spec.num_experts)],
+                                           dtype=torch.int64)
+            layer.register_buffer("moe_svd_group_of_expert", group_of_expert, persistent=False)
 
     def _load_factor(self, param: nn.Parameter, loaded_weight: torch.Tensor, weight_name: str, shard_id: str,
                      expert_id: int, return_success: bool = False) -> bool | None:
@@ -232,6 +242,10 @@ class SharedBasisExperts(FusedMoEMethodBase):
         finally:
             layer.moe_config = layer_config
         self.moe_kernel = self.bank_method.moe_kernel
+        if self.groups > 1:  # A_g and B_g^T [G, r, H] for the batched GEMMs (moesvd_vllm/grouped_bases.py)
+            self.group_in, self.group_out = per_group_views(layer.moe_svd_in.weight.data,
+                                                            layer.moe_svd_out.weight.data, self.groups)
+            layer.moe_svd_out.weight.data = self.group_out  # the stacked copy is not kept
         self.moe_quant_config = self.bank_method.moe_quant_config
         if self.moe_kernel.is_monolithic:  # routes by itself from router logits: no place for the bank map
             raise CompressionConfigError(
@@ -250,6 +264,8 @@ class SharedBasisExperts(FusedMoEMethodBase):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               shared_experts, shared_experts_input: torch.Tensor | None) -> torch.Tensor:
+        if self.groups > 1:
+            return self._apply_grouped(layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input)
         latent = x
         if self.has_bases:
             latent = layer.moe_svd_in(x.to(self.compute_dtype)).to(x.dtype)
@@ -270,3 +286,16 @@ class SharedBasisExperts(FusedMoEMethodBase):
         if self.has_bases:
             out = layer.moe_svd_out(out.to(self.compute_dtype)).to(x.dtype)
         return out
+
+    def _apply_grouped(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
+                       topk_ids: torch.Tensor, shared_experts, shared_experts_input: torch.Tensor | None
+                       ) -> torch.Tensor:
+        """Group-wise bases: every routed pair in its group's rank space (moesvd_vllm/grouped_bases.py)."""
+        bases = GroupedBases(self.group_in, self.group_out, layer.moe_svd_group_of_expert,
+                             layer.moe_svd_bank_of_expert)
+        return run_grouped(self.moe_kernel, bases, hidden_states=x, topk_weights=topk_weights, topk_ids=topk_ids,
+                           skip_beta=self.skip_beta, renormalize=layer.renormalize, count=self.shard_rank == 0,
+                           shared_experts=shared_experts, shared_experts_input=shared_experts_input,
+                           w1=layer.w13_weight, w2=layer.w2_weight, activation=layer.activation,
+                           global_num_experts=self.spec.num_banks, expert_map=None,
+                           apply_router_weight_on_input=layer.apply_router_weight_on_input)

@@ -90,6 +90,11 @@ class CompressionOptions:
                                "the 'sum' of its group's kept experts' factors (Eq. 8 as printed; stored as its "
                                "own bank, so it saves no memory when served)", choices=TRIM_COMBINES)
     trim_group_size: int = option(8, "U-trimming group size (App. D.4: DeepSeek's 64 experts in 8 groups)")
+    # G > 1: E/G consecutive experts share their own bases (D.4); the server runs each routed pair in its
+    # group's rank space (moesvd_vllm/grouped_bases.py); G = E gives every expert its own bases
+    basis_groups: int = option(1, "shared bases per group of E/G consecutive experts (App. D.4's group-wise "
+                               "V-sharing; 1: one pair of bases per layer, E: every expert its own); must "
+                               "divide the expert count")
     prior_tokens: float = option(8.0, "per-expert Gram + this many tokens' worth of the layer's average Gram")
     damp: float = option(1e-4, "+ damp * mean(diag) * I on every per-expert Gram")
     baseline_rank_step: int = option(1, "rank granularity of the per-expert baselines")
@@ -136,7 +141,11 @@ class CompressionOptions:
         if self.trim_keep is not None and self.trim_keep < 1:
             raise OptionsError(f"trim_keep must be >= 1, got {self.trim_keep}")
         self.skip_choice  # a bad --skip-beta / --skip-target fails here
-        for name in ("num_samples", "seq_len", "batch_size", "trim_group_size", "baseline_rank_step"):
+        if self.basis_groups != 1 and self.method_class.form != "shared_basis":
+            raise OptionsError(f"basis_groups > 1 (group-wise bases) needs a shared-basis method, not "
+                               f"{self.method!r}")
+        for name in ("num_samples", "seq_len", "batch_size", "trim_group_size", "baseline_rank_step",
+                     "basis_groups"):
             if getattr(self, name) < 1:
                 raise OptionsError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -96,14 +96,16 @@ class SharedBasisExperts(nn.Module):
                  act_fn: Callable[[torch.Tensor], torch.Tensor], *, dtype: torch.dtype,
                  basis_dtype: torch.dtype):
         super().__init__()
-        self.input_basis = _frozen(input_basis, basis_dtype)  # A [r, H]
-        self.output_basis = _frozen(output_basis, basis_dtype)  # B [H, r]
+        self.input_basis = _frozen(input_basis, basis_dtype)  # A [G r, H] (G = 1 but for group-wise bases)
+        self.output_basis = _frozen(output_basis, basis_dtype)  # B [H, G r]
         self.gate = _frozen(gate, dtype)  # [K, I, r]
         self.up = _frozen(up, dtype)  # [K, I, r]
         self.down = _frozen(down, dtype)  # [K, r, I]
         self.register_buffer("bank_map", torch.tensor(bank_map, dtype=torch.long), persistent=False)
         self.num_experts = len(bank_map)
-        self.rank = self.input_basis.shape[0]
+        self.rank = self.gate.shape[-1]
+        self.groups = self.input_basis.shape[0] // self.rank  # G groups of bases, stacked (schema, version 4)
+        self.group_size = self.num_experts // self.groups
         self.act_fn = act_fn
 
     def _bank_expert(self, expert: int, latent: torch.Tensor) -> torch.Tensor:
@@ -111,20 +113,37 @@ class SharedBasisExperts(nn.Module):
         hidden = self.act_fn(F.linear(latent, self.gate[bank])) * F.linear(latent, self.up[bank])
         return F.linear(hidden, self.down[bank])
 
+    def _group_slice(self, expert: int) -> slice:
+        group = expert // self.group_size
+        return slice(group * self.rank, (group + 1) * self.rank)
+
+    def _grouped_expert(self, expert: int, latent: torch.Tensor) -> torch.Tensor:
+        """Expert `expert` on the stacked latents [n, G r]: its group's slice in, its group's slot out."""
+        where = self._group_slice(expert)
+        out = latent.new_zeros(latent.shape[0], self.groups * self.rank)
+        out[:, where] = self._bank_expert(expert, latent[:, where])
+        return out
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        # all groups' latents A_g x at once [T, G r]; expert e reads its group's r columns and adds its output
+        # to its group's r columns of the rank-space sum, which B = [B_0 ... B_{G-1}] maps back (linear: exact)
         latent = F.linear(hidden_states.to(self.input_basis.dtype), self.input_basis)
         latent = latent.to(self.gate.dtype)
+        expert_fn = self._bank_expert if self.groups == 1 else self._grouped_expert
         latent_out = combine_selected_experts(latent, top_k_index, top_k_weights, self.num_experts,
-                                              self.rank, self._bank_expert)
+                                              self.groups * self.rank, expert_fn)
         output = F.linear(latent_out.to(self.output_basis.dtype), self.output_basis)
         return output.to(hidden_states.dtype)
 
     def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The equivalent dense experts: gate/up [E, I, H] = factor @ A, down [E, H, I] = B @ factor."""
+        """The equivalent dense experts: gate/up [E, I, H] = factor @ A_g, down [E, H, I] = B_g @ factor."""
         a, b = self.input_basis.double(), self.output_basis.double()
-        banks = self.bank_map
-        return (self.gate.double()[banks] @ a, self.up.double()[banks] @ a, b @ self.down.double()[banks])
+        gate, up, down = (t.double()[self.bank_map] for t in (self.gate, self.up, self.down))
+        rows = [self._group_slice(e) for e in range(self.num_experts)]
+        return (torch.stack([gate[e] @ a[rows[e]] for e in range(self.num_experts)]),
+                torch.stack([up[e] @ a[rows[e]] for e in range(self.num_experts)]),
+                torch.stack([b[:, rows[e]] @ down[e] for e in range(self.num_experts)]))
 
 
 class PerExpertLowRankExperts(nn.Module):

@@ -76,6 +76,12 @@ VARIANTS = (
     Variant("paper: V-sharing, no trimming", "compress", "moe-svd", {"trim_keep": 10**6}),
     # Eq. 8's sums are new matrices: stored (and served) as a bank per expert, at that parameter count
     Variant("paper: V-sharing + U-trimming (Eq. 8 sums)", "compress", "moe-svd", {"trim_combine": "sum"}),
+    # group-wise bases (format version 4): "experts" = one group per expert (G = E), "trim groups" = the
+    # U-trimming groups of 8 (App. D.4: DeepSeek's 64 experts in 8 groups, V shared within each)
+    Variant("ours: per-expert bases, rank only", "compress",
+            extra={"basis_groups": "experts", "min_intermediate_fraction": 1.0}),
+    Variant("paper: group-wise V-sharing + U-trimming (App. D.4)", "compress", "moe-svd",
+            {"basis_groups": "trim groups"}),
     Variant("per-expert SVD", "compress", "svd", servable=False),
     Variant("whitened SVD (SVD-LLM)", "compress", "whitened-svd", servable=False),
     Variant("magnitude neuron pruning", "compress", "magnitude-neurons"),
@@ -117,16 +123,21 @@ def eval_windows(tokenizer_dir: Path, sources: tuple[str, ...], per_text: int = 
     return windows
 
 
-def _trim_keep(extra: dict, model_path: Path) -> dict:
-    """`trim_keep` of a whole group means no trimming: clip it to the group size and the expert count."""
-    if "trim_keep" not in extra:
-        return extra
+def _model_options(extra: dict, model_path: Path) -> dict:
+    """The variant's options for this model: `trim_keep` of a whole group means no trimming (clipped to the
+    group size and the expert count); `basis_groups` "experts" is one group per expert, "trim groups" one
+    per U-trimming group."""
     from offline.compression_options import CompressionOptions
 
     config = json.loads((model_path / "config.json").read_text())
     experts = config.get("num_experts") or config["num_local_experts"]
-    group = CompressionOptions.__dataclass_fields__["trim_group_size"].default
-    return {**extra, "trim_keep": min(extra["trim_keep"], experts, group)}
+    group = min(CompressionOptions.__dataclass_fields__["trim_group_size"].default, experts)
+    out = dict(extra)
+    if "trim_keep" in out:
+        out["trim_keep"] = min(out["trim_keep"], group)
+    out["basis_groups"] = {"experts": experts, "trim groups": experts // group}.get(out.get("basis_groups"),
+                                                                                 out.get("basis_groups", 1))
+    return out
 
 
 def build_checkpoint(variant: Variant, source: Path, out: Path, ratio: float, seed: int, calib: Path,
@@ -152,7 +163,7 @@ def _compress(variant: Variant, source: Path, out: Path, ratio: float, seed: int
     for tolerance in (0.01, 0.025, 0.05):
         options = CompressionOptions(ratio=ratio, calib=str(calib), method=variant.method, seed=seed,
                                      num_samples=samples, seq_len=256, ratio_tolerance=tolerance, force=True,
-                                     **_trim_keep(variant.extra, source))
+                                     **_model_options(variant.extra, source))
         try:
             compress(source, out, options)
             return read_moe_svd_config(out).params.ratio

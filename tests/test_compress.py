@@ -294,7 +294,7 @@ def coordinate_bases_method():
         name = "test-first-coordinates"
         summary = "A = the first r coordinates, B = A^T (a test method)"
 
-        def shared_bases(self, work, experts, grams, rank):
+        def shared_bases(self, work, experts, grams, rank, members):
             basis_in = torch.eye(work.dims.hidden, dtype=torch.float64)[:rank]
             return basis_in, basis_in.T.clone()
 

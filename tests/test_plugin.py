@@ -120,6 +120,21 @@ def test_compressed_qwen3_moe_matches_reference(compressed_qwen_server, served_s
     assert difference <= float32_tolerance(model_dir, served.scores)
 
 
+@pytest.mark.parametrize("recipe, groups, trimmed", [("groups", 4, False), ("d4", 2, True)])
+def test_group_wise_bases_match_reference(compressed_checkpoint, served_scores, recipe, groups, trimmed):
+    """Format version 4: every routed pair runs in its group's rank space (moesvd_vllm/grouped_bases.py),
+    with U-trimming's banks inside the groups for D.4."""
+    model_dir = compressed_checkpoint("qwen3_moe", recipe)
+    config = read_moe_svd_config(model_dir)
+    assert config.format_version == 4
+    assert all(spec.basis_groups == groups and spec.bases for spec in config.layers.values())
+    assert any(spec.num_banks < spec.num_experts for spec in config.layers.values()) == trimmed
+    served = served_scores(model_dir)
+    difference = reference_difference(model_dir, served.scores)
+    logger.info("%s: plugin vs reference max |logprob diff| %.2e", recipe, difference)
+    assert difference <= float32_tolerance(model_dir, served.scores)
+
+
 def test_compressed_mixtral_matches_reference(compressed_checkpoint, served_scores):
     """The default method's layers without bases (plain fused MoE with fewer neurons) served exactly."""
     model_dir = compressed_checkpoint("mixtral", "neurons")

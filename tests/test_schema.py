@@ -1,4 +1,5 @@
-"""The format contract of format version 2: kept intermediate neurons and layers without bases."""
+"""The format contract of format versions 2 (kept intermediate neurons, layers without bases) and 4
+(group-wise bases)."""
 
 import pytest
 
@@ -77,5 +78,36 @@ def test_version_1_blocks_still_read_and_unknown_versions_are_refused():
     assert MoESVDConfig.from_dict(_block(1, old)).layer(0).intermediate is None
     new = dict(old, intermediate=128, bases=True)
     assert MoESVDConfig.from_dict(_block(2, new)).layer(0).intermediate == 128
-    with pytest.raises(SchemaError, match=f"{CONFIG_KEY}.format_version: 4"):
-        MoESVDConfig.from_dict(_block(4, new))
+    with pytest.raises(SchemaError, match=f"{CONFIG_KEY}.format_version: 5"):
+        MoESVDConfig.from_dict(_block(5, new))
+
+
+# ------------------------------------------------------------------------------ group-wise bases (version 4)
+def test_group_wise_bases_are_stacked_and_counted_once_per_group():
+    spec = _spec(rank=64, basis_groups=2)
+    tensors = expected_layer_tensors("qwen3_moe", 1, spec, DIMS, "float32")
+    assert tensors["model.layers.1.mlp.moe_svd_in.weight"][0] == (2 * 64, 128)
+    assert tensors["model.layers.1.mlp.moe_svd_out.weight"][0] == (128, 2 * 64)
+    assert tensors["model.layers.1.mlp.experts.3.gate_proj.weight"][0] == (256, 64)
+    assert decomposed_layer_params(spec, DIMS) == 2 * (2 * 64 * 128) + 4 * 3 * 256 * 64
+    assert [spec.group_of_expert(e) for e in range(4)] == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(basis_groups=3), "4 experts do not split into 3 equal groups"),
+    (dict(basis_groups=0), "positive integer"),
+    (dict(basis_groups=2, bases=False, intermediate=128), "need the shared_basis form with bases"),
+    (dict(basis_groups=2, bank_map=[0, 1, 1, 2]), "bank 1 serves experts of basis groups 1 and 0 .expert 1."),
+])
+def test_invalid_group_wise_specs_are_refused(kwargs, message):
+    with pytest.raises(SchemaError, match=message):
+        _spec(**kwargs).validate("layer 0")
+
+
+def test_group_wise_bases_need_format_version_4_and_one_group_is_not_written():
+    grouped = {"form": "shared_basis", "rank": 64, "num_experts": 4, "bank_map": [0, 0, 1, 1], "basis_groups": 2}
+    assert MoESVDConfig.from_dict(_block(4, grouped)).layer(0).basis_groups == 2
+    with pytest.raises(SchemaError, match="basis_groups: needs format_version >= 4, the block says 3"):
+        MoESVDConfig.from_dict(_block(3, grouped))
+    single = MoESVDConfig.from_dict(_block(3, dict(grouped, bank_map=[0, 1, 2, 3], basis_groups=1)))
+    assert "basis_groups" not in single.to_dict()["layers"]["0"]  # readers before version 4 read it

@@ -19,6 +19,15 @@ Two optional reductions (format version 2): `intermediate` I' < I keeps I' inter
 (the factors are [I', r] and [r, I']; which neurons were kept is folded into the factors), and
 `bases: false` (only with r = H) stores no bases: A and B are the identity and the factors are [I', H] /
 [H, I'] (a layer reduced by intermediate-neuron selection alone).
+Format version 4 adds `basis_groups` G (default 1): the experts form G groups of E/G consecutive experts,
+each with its own bases (App. D.4's group-wise V-sharing; G = E gives every expert its own). The bases
+of all groups are stored stacked, group g in rows / columns [g r, (g + 1) r):
+
+    model.layers.L.mlp.moe_svd_in.weight            [G r, H]
+    model.layers.L.mlp.moe_svd_out.weight           [H, G r]
+
+and expert e of group g = e // (E / G) computes B_g @ down_k(act(gate_k(A_g x)) * up_k(A_g x)); every
+expert of a bank lies in the bank's group (its factors were fitted against that group's bases).
 The router (`mlp.gate`) and everything else keeps the original names and shapes. The "per_expert" form
 (baselines: plain / whitened per-expert SVD) stores `experts.e.{gate,up,down}_proj.{lora_a,lora_b}` with
 W ~= lora_b @ lora_a; only the PyTorch reference evaluates it, the plugin refuses it. The "shared_core"
@@ -41,7 +50,8 @@ from moesvd_vllm.errors import SchemaError
 
 FORMAT_VERSION = 2  # 2 added LayerSpec.intermediate and LayerSpec.bases
 SKIPPING_FORMAT_VERSION = 3  # 3 added the optional `skipping` block (written only when present)
-READABLE_FORMAT_VERSIONS = (1, 2, 3)
+BASIS_GROUPS_FORMAT_VERSION = 4  # 4 added LayerSpec.basis_groups (written only when some layer has G > 1)
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)
 CONFIG_KEY = "moe_svd"
 RANK_MULTIPLE = 32  # vLLM's CPU fused-MoE kernel needs the expert hidden size (here: r) % 32 == 0
 INTERMEDIATE_MULTIPLE = 8  # kept intermediate neurons per expert: a multiple of this (vLLM pads to its tiles)
@@ -81,6 +91,7 @@ class LayerSpec:
     sensitivity: float | None = None  # S_L (Eq. 4) of this layer, for the report
     intermediate: int | None = None  # I': intermediate neurons kept per bank (None: the model's I)
     bases: bool = True  # False: no moe_svd_in/out (A = B = identity; needs rank == hidden)
+    basis_groups: int = 1  # G: groups of E/G consecutive experts with their own bases (format version 4)
 
     def kept_intermediate(self, dims: "MoEDims") -> int:
         return dims.intermediate if self.intermediate is None else self.intermediate
@@ -88,6 +99,37 @@ class LayerSpec:
     @property
     def num_banks(self) -> int:
         return max(self.bank_map) + 1 if self.bank_map else 0
+
+    def group_of_expert(self, expert: int) -> int:
+        """The basis group of expert `expert` (groups of E/G consecutive experts)."""
+        return expert // (self.num_experts // self.basis_groups)
+
+    def group_of_bank(self) -> list[int]:
+        """The basis group of every bank (the group of the experts it serves; `validate` checks they agree)."""
+        groups = [0] * self.num_banks
+        for expert, bank in enumerate(self.bank_map):
+            groups[bank] = self.group_of_expert(expert)
+        return groups
+
+    def _validate_groups(self, where: str) -> None:
+        groups = self.basis_groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise SchemaError(f"{where}.basis_groups: must be a positive integer, got {groups!r}")
+        if groups == 1:
+            return
+        if self.form != "shared_basis" or not self.bases:
+            raise SchemaError(f"{where}.basis_groups: {groups} groups of bases need the shared_basis form with "
+                              "bases (bases: true)")
+        if self.num_experts % groups:
+            raise SchemaError(f"{where}.basis_groups: {self.num_experts} experts do not split into {groups} "
+                              "equal groups; re-compress with a group count that divides the expert count")
+        bank_group = self.group_of_bank()
+        for expert, bank in enumerate(self.bank_map):
+            if bank_group[bank] != self.group_of_expert(expert):
+                raise SchemaError(
+                    f"{where}.bank_map: bank {bank} serves experts of basis groups {bank_group[bank]} and "
+                    f"{self.group_of_expert(expert)} (expert {expert}); a bank's factors belong to one group's "
+                    "bases. Re-create the checkpoint with `moesvd compress`")
 
     def validate(self, where: str) -> None:
         if self.form not in FORMS:
@@ -119,6 +161,7 @@ class LayerSpec:
             raise SchemaError(f"{where}.bases: must be true or false (false only for the shared_basis form)")
         if self.form != "shared_basis" and self.intermediate is not None:
             raise SchemaError(f"{where}.intermediate: the {self.form} form keeps every intermediate neuron")
+        self._validate_groups(where)
 
     def validate_dims(self, dims: "MoEDims", where: str) -> None:
         """Checks that need the model's dimensions (the reader calls this with config.json's dims)."""
@@ -235,7 +278,11 @@ class MoESVDConfig:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for spec in out["layers"].values():  # G = 1 is not written: readers before version 4 read the block
+            if spec.get("basis_groups") == 1:
+                del spec["basis_groups"]
+        return out
 
     def validate(self) -> None:
         if not isinstance(self.method, str) or not self.method:
@@ -249,6 +296,10 @@ class MoESVDConfig:
                 raise SchemaError(f"{CONFIG_KEY}.skipping: needs format_version >= {SKIPPING_FORMAT_VERSION}, "
                                   f"the block says {self.format_version}")
             self.skipping.validate(f"{CONFIG_KEY}.skipping")
+        grouped = [key for key, spec in self.layers.items() if spec.basis_groups != 1]
+        if grouped and self.format_version < BASIS_GROUPS_FORMAT_VERSION:
+            raise SchemaError(f"{CONFIG_KEY}.layers.{grouped[0]}.basis_groups: needs format_version >= "
+                              f"{BASIS_GROUPS_FORMAT_VERSION}, the block says {self.format_version}")
         p = self.params
         if not (0 < p.expert_compressed and 0 < p.expert_dense):
             raise SchemaError(f"{CONFIG_KEY}.params: counts must be positive, got {p}")
@@ -272,8 +323,9 @@ def expected_layer_tensors(model_type: str, layer_index: int, spec: LayerSpec, d
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     if spec.form == "shared_basis":
         if spec.bases:
-            out[f"{prefix}.moe_svd_in.weight"] = ((r, h), spec.basis_dtype)
-            out[f"{prefix}.moe_svd_out.weight"] = ((h, r), spec.basis_dtype)
+            g = spec.basis_groups
+            out[f"{prefix}.moe_svd_in.weight"] = ((g * r, h), spec.basis_dtype)
+            out[f"{prefix}.moe_svd_out.weight"] = ((h, g * r), spec.basis_dtype)
         for k in range(spec.num_banks):
             for name, side in projections:
                 shape = (i, r) if side == "in" else (r, i)
@@ -299,7 +351,7 @@ def decomposed_layer_params(spec: LayerSpec, dims: MoEDims) -> int:
     """Expert parameters of a decomposed layer (bases + factors), as counted in ParamCounts."""
     r, h, i = spec.rank, dims.hidden, spec.kept_intermediate(dims)
     if spec.form == "shared_basis":
-        return (2 * r * h if spec.bases else 0) + spec.num_banks * 3 * i * r
+        return (2 * spec.basis_groups * r * h if spec.bases else 0) + spec.num_banks * 3 * i * r
     if spec.form == "shared_core":  # three cores + per expert and projection 2 r (d_in + d_out)
         return 3 * i * h + spec.num_experts * 3 * 2 * r * (h + i)
     return spec.num_experts * r * 3 * (h + i)

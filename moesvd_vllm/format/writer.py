@@ -35,6 +35,7 @@ from moesvd_vllm.format.safetensors_io import DEFAULT_MAX_SHARD_BYTES, ShardedSa
 from moesvd_vllm.format.directories import atomic_directory, copy_side_files, write_config
 from moesvd_vllm.format.schema import (
     CONFIG_KEY,
+    BASIS_GROUPS_FORMAT_VERSION,
     FORMAT_VERSION,
     SKIPPING_FORMAT_VERSION,
     SkippingSpec,
@@ -79,8 +80,11 @@ def moe_svd_block(config: Mapping[str, Any], method: str, layers: Mapping[str, L
     dense = dense_layer_params(dims)
     compressed = sum(decomposed_layer_params(layers[str(i)], dims) if str(i) in layers else dense
                      for i in moe_layers)
+    version = FORMAT_VERSION if skipping is None else SKIPPING_FORMAT_VERSION
+    if any(spec.basis_groups > 1 for spec in layers.values()):
+        version = BASIS_GROUPS_FORMAT_VERSION
     block = MoESVDConfig(
-        format_version=FORMAT_VERSION if skipping is None else SKIPPING_FORMAT_VERSION, method=method,
+        format_version=version, method=method,
         original_architectures=list(config.get("architectures") or []), layers=dict(layers),
         params=ParamCounts(expert_dense=dense * len(moe_layers), expert_compressed=compressed),
         options=dict(options), calibration=calibration, skipping=skipping)

@@ -11,6 +11,10 @@ the layer (measured better than either alone on the bundled model, docs/results.
   output y = sum_e w_e E_e(x) (minimises the block's output error exactly); with "experts" the top-r
   left singular subspace of all experts' whitened down projections.
 
+With `basis_groups` G > 1 each group of E/G experts gets its own pair: A_g whitened by the Gram of the
+tokens routed to the group's experts (the sum of their input Grams) and B_g from the group's whitened
+down projections (the block output mixes all groups, so "block" applies to G = 1 only).
+
 Per-expert factors by whitened least squares (offline/methods/shared_basis.py); no U-trimming by default.
 """
 
@@ -31,14 +35,20 @@ class StackedSharedBases(SharedBasisMethod):
     min_intermediate_fraction = 0.5
     trim_keep = None
 
-    def shared_bases(self, work: LayerWork, experts: LayerExperts, grams: ExpertGrams, rank: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        stats, num_experts = work.stats, work.dims.num_experts
-        in_weights = (torch.cat([experts.gate[e], experts.up[e]]) for e in range(num_experts))
-        basis_in = dec.stacked_input_basis(in_weights, stats.routed_tokens.double(), stats.gram_layer, rank,
-                                           f"layer {work.index}")
-        if self.options.output_basis == "block":
+    def shared_bases(self, work: LayerWork, experts: LayerExperts, grams: ExpertGrams, rank: int,
+                     members: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        stats, where = work.stats, f"layer {work.index}"
+        in_weights = (torch.cat([experts.gate[e], experts.up[e]]) for e in members)
+        if len(members) == work.dims.num_experts:
+            basis_in = dec.stacked_input_basis(in_weights, stats.routed_tokens.double(), stats.gram_layer, rank,
+                                               where)
+        else:  # a group's bases (D.4): whitened by the Gram of the tokens routed to the group's experts
+            group_gram = sum(grams.input(e) for e in members)
+            basis_in = dec.stacked_input_basis(in_weights, stats.routed_tokens.double()[members], group_gram,
+                                               rank, f"{where} experts {members[0]}-{members[-1]}")
+        if self.options.output_basis == "block" and len(members) == work.dims.num_experts:
             basis_out = dec.block_output_basis(stats.gram_out, rank)
-        else:  # one expert's intermediate Gram alive at a time
-            basis_out = dec.stacked_output_basis(experts.down, (grams.mid(e) for e in range(num_experts)), rank)
+        else:  # the block output mixes every group: a group's basis comes from its experts' whitened downs
+            basis_out = dec.stacked_output_basis((experts.down[e] for e in members), (grams.mid(e) for e in members),
+                                                 rank)
         return basis_in, basis_out

@@ -8,6 +8,8 @@ expert's own factors are then fitted on them by whitened least squares.
 U-matrix trimming (Eq. 7-8): in each group of `trim_group_size` experts only the `trim_keep` = 2 most
 frequently routed keep their factors; every other expert is served by the kept expert of its group that
 reproduces it best (App. D.4 groups DeepSeek's 64 experts in 8 groups). Ranks only (no neuron selection).
+D.4 also shares V within each group only: `basis_groups` = E / `trim_group_size` gives every group the
+bases of its own most frequent expert.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ class MostFrequentExpertBases(SharedBasisMethod):
                 f"{RANK_MULTIPLE}); use the default method (neuron selection) for this model")
         return largest, RANK_MULTIPLE
 
-    def shared_bases(self, work: LayerWork, experts: LayerExperts, grams: ExpertGrams, rank: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        top = int(torch.argmax(work.stats.routed_tokens))  # arg max_i f(V_i) of Eq. 5
+    def shared_bases(self, work: LayerWork, experts: LayerExperts, grams: ExpertGrams, rank: int,
+                     members: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        # arg max_i f(V_i) of Eq. 5, within the group under D.4's group-wise V-sharing
+        top = members[int(torch.argmax(work.stats.routed_tokens[members]))]
         return dec.most_frequent_expert_bases(torch.cat([experts.gate[top], experts.up[top]]), experts.down[top],
                                               grams.input(top), grams.mid(top), rank, f"layer {work.index}")

@@ -6,6 +6,10 @@ D [r, I'], so that expert e computes
 
     down_e(act(G_gate A x) * (G_up A x)),  down_e = B D.
 
+With `basis_groups` G > 1 (App. D.4's group-wise V-sharing) every group of E/G consecutive experts has
+its own A_g and B_g, stored stacked ([G r, H] and [H, G r], moesvd_vllm/format/schema.py), and each expert
+is fitted against its group's pair; U-trimming groups must then lie inside basis groups.
+
 The members differ only in how the bases are chosen (`shared_bases`). The steps of a layer:
 1. neuron selection, when the planned shape keeps I' < I neurons (offline/slimming.py);
 2. the bases (none when r = H: the factors are then the slimmed weights themselves);
@@ -22,18 +26,21 @@ The members differ only in how the bases are chosen (`shared_bases`). The steps 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 import torch
 
 from moesvd_vllm.architectures import MoEDims
+from moesvd_vllm.errors import MoESVDError
 from moesvd_vllm.format.safetensors_io import torch_dtype
 from moesvd_vllm.format.schema import RANK_MULTIPLE, LayerSpec
 from offline import decompose as dec
 from offline.expert_tensors import LayerExperts
 from offline.heap import release_heap_every_few_experts
 from offline.methods.base import CompressedLayer, CompressionMethod, LayerWork
+from offline.sensitivity import LayerShape
 from offline.methods.experts import ErrorSums, ExpertGrams, layer_experts, write_expert
 from offline.slimming import slim_experts_in_place
 
@@ -97,10 +104,29 @@ class SharedBasisMethod(CompressionMethod):
     selection = "sensitivity"
     supports_neuron_selection = True
 
-    def shared_bases(self, work: LayerWork, experts: LayerExperts, grams: ExpertGrams, rank: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A [r, H], B [H, r]) for the layer of `work` (experts already slimmed), float64."""
+    def shared_bases(self, work: LayerWork, experts: LayerExperts, grams: ExpertGrams, rank: int,
+                     members: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, H], B [H, r]) shared by the experts `members` (all of the layer's unless `basis_groups` > 1)
+        of the layer of `work` (experts already slimmed), float64."""
         raise NotImplementedError
+
+    def counting_spec(self, dims: MoEDims, shape: LayerShape) -> LayerSpec:
+        groups = self._basis_groups(dims)
+        spec = super().counting_spec(dims, shape)
+        return dataclasses.replace(spec, basis_groups=groups if shape.bases else 1)
+
+    def _basis_groups(self, dims: MoEDims) -> int:
+        """`basis_groups`, checked against the layer's experts and U-trimming's groups."""
+        groups, experts = self.options.basis_groups, dims.num_experts
+        if experts % groups:
+            raise MoESVDError(f"--basis-groups {groups} does not divide the {experts} routed experts per layer; "
+                              f"pick a divisor of {experts} (1 or {experts}, for example)")
+        trimming = self.options.effective_trim_keep is not None and self.options.trim_combine == "one"
+        if groups > 1 and trimming and (experts // groups) % self.options.trim_group_size:
+            raise MoESVDError(f"U-trimming groups of {self.options.trim_group_size} experts do not lie inside "
+                              f"basis groups of {experts // groups}; give --trim-group-size a divisor of "
+                              f"{experts // groups} (App. D.4: the same groups)")
+        return groups
 
     def rank_steps(self, dims: MoEDims) -> tuple[int, int]:
         return dims.hidden, RANK_MULTIPLE  # the fused-MoE kernel's rank granularity
@@ -146,14 +172,15 @@ class SharedBasisMethod(CompressionMethod):
                         self._emit_bank(work, bank_of[e], factors[e], neurons[e])
                     if work.write_back:
                         chosen = factors[source[e]]
+                        group_in, group_out = self._group_bases(work, basis_in, basis_out, e)
                         write_expert(work.model, work.layer, e,
-                                     reconstruct(chosen.gate_up, basis_in, experts.gate.dtype),
-                                     reconstruct(chosen.down, basis_out, experts.gate.dtype, basis_first=True))
+                                     reconstruct(chosen.gate_up, group_in, experts.gate.dtype),
+                                     reconstruct(chosen.down, group_out, experts.gate.dtype, basis_first=True))
         bank_map = [bank_of[source[e]] for e in range(num_experts)]
         spec = LayerSpec(form=self.form, rank=shape.rank, num_experts=num_experts, bank_map=bank_map,
                          basis_dtype=basis_dtype_name, sensitivity=work.sensitivity,
                          intermediate=shape.intermediate if shape.intermediate < inter else None,
-                         bases=shape.bases)
+                         bases=shape.bases, basis_groups=self._basis_groups(work.dims) if shape.bases else 1)
         relative = errors.relative()
         if slimming_error is not None:
             relative["slimming"] = slimming_error
@@ -170,14 +197,15 @@ class SharedBasisMethod(CompressionMethod):
         for e in order:
             release_heap_every_few_experts(e)
             gram_in, mid_gram = received[e]
-            own, fit = self._fit_expert(work, experts, gram_in, e, basis_in, basis_out)
+            group_in, group_out = self._group_bases(work, basis_in, basis_out, e)
+            own, fit = self._fit_expert(work, experts, gram_in, e, group_in, group_out)
             if e in kept:
                 candidates = {e: own}
             elif self.options.trim_combine == "sum":
                 candidates = {e: _summed_factors([factors[k] for k in kept])}
             else:
                 candidates = {k: factors[k] for k in kept}
-            parts = {k: _error_parts(fit, experts.down[e], mid_gram, f, basis_out, inter)
+            parts = {k: _error_parts(fit, experts.down[e], mid_gram, f, group_out, inter)
                      for k, f in candidates.items()}
             # U-trimming (Eq. 7-8): the kept expert that reproduces e best (whitened distance)
             chosen = min(parts, key=lambda k: (sum(num for num, _ in parts[k].values()), k))
@@ -209,13 +237,25 @@ class SharedBasisMethod(CompressionMethod):
         for a layer without bases (r = H: the factors are the slimmed expert weights themselves)."""
         if not work.shape.bases:
             return None, None
-        basis_in, basis_out = self.shared_bases(work, experts, grams, work.shape.rank)
+        size = work.dims.num_experts // self._basis_groups(work.dims)
+        pairs = [self.shared_bases(work, experts, grams, work.shape.rank, list(range(start, start + size)))
+                 for start in range(0, work.dims.num_experts, size)]
         # the stored (rounded) bases are what the server multiplies with: fit the factors against them
-        basis_in = basis_in.to(basis_dtype).double()
-        basis_out = basis_out.to(basis_dtype).double()
+        basis_in = torch.cat([a for a, _ in pairs]).to(basis_dtype).double()  # [G r, H]
+        basis_out = torch.cat([b for _, b in pairs], dim=1).to(basis_dtype).double()  # [H, G r]
         work.emit(f"{work.prefix}.moe_svd_in.weight", basis_in.to(basis_dtype))
         work.emit(f"{work.prefix}.moe_svd_out.weight", basis_out.to(basis_dtype))
         return basis_in, basis_out
+
+    def _group_bases(self, work: LayerWork, basis_in: torch.Tensor | None, basis_out: torch.Tensor | None,
+                     expert: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Expert `expert`'s group's (A_g, B_g): views of the stacked bases (None without bases)."""
+        if basis_in is None:
+            return None, None
+        rank = work.shape.rank
+        group = expert // (work.dims.num_experts // self._basis_groups(work.dims))
+        rows = slice(group * rank, (group + 1) * rank)
+        return basis_in[rows], basis_out[:, rows]
 
     def _trimming_groups(self, work: LayerWork) -> tuple[list[list[int]], list[list[int]]]:
         """Step 4's groups and the experts each keeps (its `trim_keep` most frequently routed); without

@@ -59,9 +59,15 @@ CALIB = Path(__file__).resolve().parents[2] / "offline" / "bundled" / "kjv_text"
 #            with shared bases
 #   neurons: the default method in steps of 8 neurons at a light ratio: neuron selection only
 #            (80-88 of 128 neurons), no bases (`bases: false`)
+#   groups:  the default method with group-wise bases (4 groups of 2 experts), rank only
+#   d4:      the paper's App. D.4: 2 groups of 4 experts, each with its most frequent expert's bases and
+#            U-trimming to 2 banks inside the group
 RECIPES = {
     "banks": dict(method="moe-svd", ratio=0.5, ratio_tolerance=0.05, min_intermediate_fraction=0.5),
     "neurons": dict(method="moe-svd-stacked", ratio=0.35, ratio_tolerance=0.05, intermediate_step=8),
+    "groups": dict(method="moe-svd-stacked", ratio=0.5, ratio_tolerance=0.05, basis_groups=4,
+                   min_intermediate_fraction=1.0),
+    "d4": dict(method="moe-svd", ratio=0.5, ratio_tolerance=0.05, basis_groups=2, trim_group_size=4),
 }
 # DeepSeek's multi-head latent attention: vLLM 0.32's CPU MLA and transformers 5.19 apply MLA's
 # interleaved RoPE differently (tests/test_vllm_serving_stock.py, KNOWN_MISMATCH) and agree exactly once
