@@ -71,6 +71,7 @@ class SyntheticShape:
     rank: int
     intermediate: int | None = None
     bases: bool = True
+    basis_groups: int = 1  # E: every expert its own bases (format version 4)
 
 
 @dataclass
@@ -141,10 +142,21 @@ def expected_intermediate(dims: MoEDims, ratio: float) -> int:
     return min(dims.intermediate, max(INTERMEDIATE_MULTIPLE, int(round(kept)) * INTERMEDIATE_MULTIPLE))
 
 
-def synthetic_shape(dims: MoEDims, ratio: float, *, neurons: bool) -> SyntheticShape:
-    """Rank reduction (uniform rank, all neurons, bases) or neuron selection (I', r = H, no bases)."""
+def expected_expert_bases_rank(dims: MoEDims, ratio: float) -> int:
+    """The uniform rank with every expert's own bases (basis_groups = E) that removes `ratio`, rounded to
+    the kernel's multiple: r (2 E H + 3 E I) = (1 - ratio) E 3 I H."""
+    kept = (1.0 - ratio) * dense_layer_params(dims)
+    per_rank = dims.num_experts * (2 * dims.hidden + 3 * dims.intermediate)
+    return max(RANK_MULTIPLE, int(round(kept / per_rank / RANK_MULTIPLE)) * RANK_MULTIPLE)
+
+
+def synthetic_shape(dims: MoEDims, ratio: float, *, neurons: bool, expert_bases: bool = False) -> SyntheticShape:
+    """Rank reduction (uniform rank, all neurons, bases; with `expert_bases` one pair per expert) or
+    neuron selection (I', r = H, no bases)."""
     if neurons:
         return SyntheticShape(rank=dims.hidden, intermediate=expected_intermediate(dims, ratio), bases=False)
+    if expert_bases:
+        return SyntheticShape(rank=expected_expert_bases_rank(dims, ratio), basis_groups=dims.num_experts)
     return SyntheticShape(rank=expected_rank(dims, ratio))
 
 
@@ -224,19 +236,19 @@ def compress_model(dense_dir: Path, out_dir: Path, spec: CompressSpec, *, reuse:
 
 
 def synthetic_compressed_model(dense_dir: Path, out_dir: Path, ratio: float, basis_dtype: str, seed: int, *,
-                               neurons: bool = False) -> Path:
+                               neurons: bool = False, expert_bases: bool = False) -> Path:
     """Random factors removing `ratio` of the expert parameters (speed only;
     benchmarks/synthetic_compressed.py): by a uniform rank, or by neuron selection (`neurons`)."""
     from benchmarks.synthetic_compressed import write_synthetic_compressed
 
-    shape = synthetic_shape(dense_dims(dense_dir), ratio, neurons=neurons)
+    shape = synthetic_shape(dense_dims(dense_dir), ratio, neurons=neurons, expert_bases=expert_bases)
     spec = {"synthetic": True, **asdict(shape), "basis_dtype": basis_dtype, "seed": seed}
     marker = out_dir / _BUILD_MARKER
     if _read_json(marker) == spec and (out_dir / "config.json").exists():
         logger.info("reusing synthetic compressed model %s", out_dir)
         return out_dir
     write_synthetic_compressed(dense_dir, out_dir, shape.rank, intermediate=shape.intermediate, bases=shape.bases,
-                               basis_dtype=basis_dtype, seed=seed)
+                               basis_dtype=basis_dtype, seed=seed, basis_groups=shape.basis_groups)
     marker.write_text(json.dumps(spec, indent=1))
     return out_dir
 

@@ -45,17 +45,19 @@ class LayerGeometry:
     intermediate: int | None = None  # I' kept neurons per expert (None: the model's I)
     bases: bool = True  # False: no shared bases (neuron selection alone, r = H)
     num_banks: int | None = None  # expert banks (None: one per expert)
+    basis_groups: int = 1  # G pairs of bases (format version 4; E: every expert its own)
 
     @classmethod
     def from_spec(cls, dims: MoEDims, spec: LayerSpec, expert_bytes: float = 2.0) -> "LayerGeometry":
         return cls(dims, spec.rank, expert_bytes=expert_bytes, basis_bytes=_DTYPE_BYTES[spec.basis_dtype],
-                   intermediate=spec.kept_intermediate(dims), bases=spec.bases, num_banks=spec.num_banks)
+                   intermediate=spec.kept_intermediate(dims), bases=spec.bases, num_banks=spec.num_banks,
+                   basis_groups=spec.basis_groups)
 
     def spec(self) -> LayerSpec:
         banks = self.num_banks or self.dims.num_experts
         return LayerSpec(form="shared_basis", rank=self.rank, num_experts=self.dims.num_experts,
                          bank_map=[e % banks for e in range(self.dims.num_experts)],
-                         intermediate=self.intermediate, bases=self.bases)
+                         intermediate=self.intermediate, bases=self.bases, basis_groups=self.basis_groups)
 
     def padded(self) -> "LayerGeometry":
         """This layer as the kernel holds it (I' rounded up to the kernel's alignment)."""
@@ -64,7 +66,7 @@ class LayerGeometry:
             self, intermediate=padded_intermediate(kept))
 
     def basis_params(self) -> int:
-        return 2 * self.rank * self.dims.hidden if self.bases else 0
+        return 2 * self.basis_groups * self.rank * self.dims.hidden if self.bases else 0
 
     def factor_params(self) -> int:
         """Expert factors of all banks: the schema's count minus the bases."""
@@ -81,7 +83,10 @@ class LayerGeometry:
     def compressed_bytes(self, experts: float | None = None) -> float:
         """Bases plus the factors of `experts` experts' banks (None: all of them)."""
         share = 1.0 if experts is None else experts / self.dims.num_experts
-        return self.basis_params() * self.basis_bytes + share * self.factor_params() * self.expert_bytes
+        # one pair of bases per expert: a token reads only its experts' pairs (moesvd_vllm/grouped_bases.py)
+        basis_share = share if self.basis_groups == self.dims.num_experts else 1.0
+        return (basis_share * self.basis_params() * self.basis_bytes
+                + share * self.factor_params() * self.expert_bytes)
 
     def dense_flops(self) -> float:
         d = self.dims
@@ -89,7 +94,11 @@ class LayerGeometry:
 
     def compressed_flops(self) -> float:
         per_expert = self.factor_params() / (self.num_banks or self.dims.num_experts)
-        return self.basis_params() + self.dims.top_k * per_expert
+        # each routed pair runs through its group's pair of bases only (moesvd_vllm/grouped_bases.py)
+        bases = self.basis_params()
+        if self.basis_groups > 1:
+            bases = self.dims.top_k * bases / self.basis_groups
+        return bases + self.dims.top_k * per_expert
 
     def bytes_ideal(self) -> float:
         return self.dense_bytes() / self.compressed_bytes()

@@ -95,8 +95,8 @@ def layer_weights(block: nn.Module, layer: int) -> LayerWeights:
     for name, tensor in list(block.named_parameters()) + list(block.named_buffers()):
         if id(tensor) in seen or not _is_expert_parameter(name) or tensor.is_meta:
             continue
-        if "bank_of_expert" in name:
-            continue  # routing table, not weights
+        if "bank_of_expert" in name or "group_of_expert" in name:
+            continue  # routing tables, not weights
         seen.add(id(tensor))
         if tensor.numel() == 0:
             continue  # packed elsewhere (bases): counted below

@@ -13,6 +13,8 @@ Steps, all in one run:
    peak RSS); `--compressor moesvd` compresses every ratio with the real compressor instead;
    `--neuron-ratios` adds neuron-selection models (format v2: I' = the multiple of 8 nearest
    (1 - ratio) I neurons per expert, r = H, no bases; always synthetic), labelled "RATIO-neurons";
+   `--expert-bases-ratios` adds models with every expert's own bases (format v4, basis_groups = E: the
+   uniform rank with r (2 E H + 3 E I) = (1 - ratio) 3 E I H; always synthetic), "RATIO-expert-bases";
 3. offline, in-process vLLM engines, the dense one and one compressed one alive together, measured in
    alternating order: output tok/s at batch 1/8/32, MoE-block time at 1/32/512 tokens inside the worker
    (benchmarks/perf_worker.py), resident expert weights vs the checkpoint's ParamCounts, a torch
@@ -57,11 +59,14 @@ class Variant:
     ratio: float
     basis_dtype: str
     neurons: bool = False
+    expert_bases: bool = False  # every expert its own bases (format version 4, basis_groups = E)
 
     @property
     def label(self) -> str:
         if self.neurons:
             return f"{self.ratio:g}-neurons"
+        if self.expert_bases:
+            return f"{self.ratio:g}-expert-bases"
         return f"{self.ratio:g}" if self.basis_dtype == "bfloat16" else f"{self.ratio:g}-{self.basis_dtype}"
 
 
@@ -83,6 +88,7 @@ class PerfOptions:
     extra_basis_dtype: str | None = None  # also measure these ratios with bases in this dtype ...
     extra_basis_ratios: tuple[float, ...] = ()  # ... (e.g. float32 at 0.4)
     neuron_ratios: tuple[float, ...] = ()  # also neuron-selection models (I' < I, r = H, no bases) at these
+    expert_bases_ratios: tuple[float, ...] = ()  # also per-expert-bases models (basis_groups = E) at these
     compress_samples: int = 16
     compress_seq_len: int = 128
     ratio_tolerance: float = 0.01
@@ -103,6 +109,7 @@ def variants(options: PerfOptions) -> list[Variant]:
     if options.extra_basis_dtype:
         out += [Variant(ratio, options.extra_basis_dtype) for ratio in options.extra_basis_ratios]
     out += [Variant(ratio, options.basis_dtype, neurons=True) for ratio in options.neuron_ratios]
+    out += [Variant(ratio, options.basis_dtype, expert_bases=True) for ratio in options.expert_bases_ratios]
     return out
 
 
@@ -112,9 +119,10 @@ def build_models(options: PerfOptions) -> tuple[Path, dict[Variant, Path], list[
     compressed, costs = {}, []
     for variant in variants(options):
         target = models_dir / f"compressed-{variant.label}"
-        if options.compressor == "synthetic" or variant.neurons:  # the compressor picks its own shapes
+        if options.compressor == "synthetic" or variant.neurons or variant.expert_bases:  # always synthetic
             compressed[variant] = perf_models.synthetic_compressed_model(
-                dense, target, variant.ratio, variant.basis_dtype, options.model.seed, neurons=variant.neurons)
+                dense, target, variant.ratio, variant.basis_dtype, options.model.seed, neurons=variant.neurons,
+                expert_bases=variant.expert_bases)
             continue
         path, cost = perf_models.compress_model(dense, target, _compress_spec(options, variant),
                                                 reuse=options.reuse_models)
@@ -164,7 +172,7 @@ def run_offline(dense_dir: Path, compressed: dict[Variant, Path], options: Offli
                 perf_offline.alternate(engines, options)
                 perf_offline.describe(llm, engines[name][1], options)
                 pairs.append({"variant": variant.label, "ratio": variant.ratio, "basis_dtype": variant.basis_dtype,
-                              "neurons": variant.neurons,
+                              "neurons": variant.neurons, "expert_bases": variant.expert_bases,
                               "dense": dataclasses.asdict(engines["dense"][1]),
                               "compressed": dataclasses.asdict(engines[name][1])})
             finally:
@@ -193,7 +201,7 @@ def run_served(dense_dir: Path, compressed: dict[Variant, Path], options: Served
     results = []
     with server(dense_dir, "dense") as dense_server:
         for variant, path in compressed.items():
-            if variant.neurons or variant.ratio not in options.ratios or variant.basis_dtype != "bfloat16" and any(
+            if variant.neurons or variant.expert_bases or variant.ratio not in options.ratios or variant.basis_dtype != "bfloat16" and any(
                     v.ratio == variant.ratio and v.basis_dtype == "bfloat16" for v in compressed):
                 continue  # one served A/B per ratio (rank reduction, the default bases)
             ratio, name = variant.ratio, f"compressed-{variant.label}"
@@ -266,7 +274,7 @@ def summarize(dense_dir: Path, compressed: dict[Variant, Path], offline: dict, s
         geometry = perf_report.ModelGeometry.from_specs(dims, specs)
         summary["pairs"].append({
             "variant": pair["variant"], "ratio": pair["ratio"], "basis_dtype": pair["basis_dtype"],
-            "neurons": pair.get("neurons", False), "rank": max(promised["ranks"].values()),
+            "neurons": pair.get("neurons", False), "expert_bases": pair.get("expert_bases", False), "rank": max(promised["ranks"].values()),
             "intermediate": max(spec.kept_intermediate(dims) for spec in specs),
             "bases": any(spec.bases for spec in specs), "shape": perf_report.layer_shape_label(dims, specs),
             "achieved_ratio": promised["ratio"], "ideal_bytes_ratio": geometry.bytes_ideal(),
@@ -364,6 +372,9 @@ def parse_args(argv: list[str] | None = None) -> PerfOptions:
     parser.add_argument("--neuron-ratios", type=_floats, default=(),
                         help="also measure neuron-selection models at these ratios (format v2: I' = the multiple "
                              "of 8 nearest (1 - ratio) I, r = H, no bases; synthetic), e.g. 0.4,0.6")
+    parser.add_argument("--expert-bases-ratios", type=_floats, default=(),
+                        help="also measure models whose every expert has its own bases at these ratios (format "
+                             "v4, basis_groups = E; synthetic), e.g. 0.4")
     parser.add_argument("--batch-sizes", type=_ints, default=(1, 8, 32))
     parser.add_argument("--block-tokens", type=_ints, default=(1, 32, 512))
     parser.add_argument("--input-len", type=int, default=64)
@@ -406,6 +417,7 @@ def options_from_args(args: argparse.Namespace) -> PerfOptions:
     return PerfOptions(out=args.out, model=ModelSpec(args.shape, args.layers, args.seed), ratios=args.ratios,
                        basis_dtype=args.basis_dtype, extra_basis_dtype=args.extra_basis_dtype,
                        extra_basis_ratios=args.extra_basis_ratios, neuron_ratios=args.neuron_ratios,
+                       expert_bases_ratios=args.expert_bases_ratios,
                        compress_samples=args.compress_samples,
                        compress_seq_len=args.compress_seq_len, offline=offline, served=served,
                        reuse_models=not args.rebuild, compressor=args.compressor,
@@ -420,6 +432,7 @@ def tiny_options(args: argparse.Namespace) -> PerfOptions:
     served = None if args.no_served else ServedOptions(ratios=(0.4,), concurrency=(1, 4), num_prompts=4,
                                                        max_tokens=8, words_per_prompt=8)
     return PerfOptions(out=args.out, model=ModelSpec("tiny", 1, args.seed), ratios=(0.4,), neuron_ratios=(0.4,),
+                       expert_bases_ratios=(0.4,),
                        basis_dtype=args.basis_dtype, compress_samples=4, compress_seq_len=32, ratio_tolerance=0.1,
                        offline=offline, served=served, reuse_models=not args.rebuild, compressor="moesvd")
 

@@ -63,11 +63,12 @@ def _copy(writer: CompressedCheckpointWriter, names: list[str], source: dict[str
 
 
 def synthetic_layer_spec(dims, rank: int, *, intermediate: int | None = None, bases: bool = True,
-                         basis_dtype: str = "bfloat16") -> LayerSpec:
+                         basis_dtype: str = "bfloat16", basis_groups: int = 1) -> LayerSpec:
     """The uniform LayerSpec of every synthetic layer (one bank per expert); validated against `dims`."""
     spec = LayerSpec(form="shared_basis", rank=rank, num_experts=dims.num_experts,
                      bank_map=list(range(dims.num_experts)), basis_dtype=basis_dtype,
-                     intermediate=None if intermediate == dims.intermediate else intermediate, bases=bases)
+                     intermediate=None if intermediate == dims.intermediate else intermediate, bases=bases,
+                     basis_groups=basis_groups)
     spec.validate("synthetic layer")
     spec.validate_dims(dims, "synthetic layer")
     return spec
@@ -75,7 +76,7 @@ def synthetic_layer_spec(dims, rank: int, *, intermediate: int | None = None, ba
 
 def write_synthetic_compressed(dense_dir: Path, out_dir: Path, rank: int, *, intermediate: int | None = None,
                                bases: bool = True, basis_dtype: str = "bfloat16", seed: int = 0,
-                               std: float = 0.02) -> Path:
+                               std: float = 0.02, basis_groups: int = 1) -> Path:
     """Write `out_dir`: `dense_dir` with every MoE layer replaced by random factors of rank `rank` and
     `intermediate` kept neurons per expert (None: all); `bases=False` needs rank == hidden size."""
     started = time.monotonic()
@@ -84,7 +85,8 @@ def write_synthetic_compressed(dense_dir: Path, out_dir: Path, rank: int, *, int
     dims = moe_dims(config)
     layout = moe_layout(model_type)
     model_dtype = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
-    spec = synthetic_layer_spec(dims, rank, intermediate=intermediate, bases=bases, basis_dtype=basis_dtype)
+    spec = synthetic_layer_spec(dims, rank, intermediate=intermediate, bases=bases, basis_dtype=basis_dtype,
+                                basis_groups=basis_groups)
     layers = moe_layer_indices(config)
     source = tensor_files(dense_dir)
     generator = torch.Generator().manual_seed(seed)

@@ -2,13 +2,15 @@
 (token, expert) pair runs in the rank space of its expert's group.
 
 Expert e of group g computes B_g down_k(act(gate_k(A_g x)) * up_k(A_g x)) (App. D.4's group-wise V-sharing;
-G = E gives every expert its own bases). The pairs are sorted by group; each group's segment of rows is
-projected by its own A_g [r, H] (one batched GEMM over the groups, each padded to the largest group's row
-count: a token pays k r H, not G r H, and no Python loop runs per group), and all rows then form one top-1
-problem for vLLM's own fused-experts kernel in the r-dimensional space, each row with its bank id (as dynamic skipping does, moesvd_vllm/skip_kernel.py: the CPU kernel has no expert
-map). The kernel's weighted [P, r] outputs go back through their group's B_g [H, r] (batched the same
-way) and are summed per token in float32. The method runs inside vLLM's opaque `moe_forward` custom op, so the data-dependent pair
-count P does not reach torch.compile.
+G = E gives every expert its own bases). Every routed (token, expert) pair becomes one row: its token's
+hidden state times its group's A_g (`rowwise_group_matmul`: one batched GEMM over the groups, each padded to
+the largest group's row count: about k r H per token when many tokens load the groups evenly, up to
+G r H at one token, which is why per-expert bases decode slowly at batch 1, docs/performance.md), then all
+rows form one top-1 problem for vLLM's own fused-experts kernel in the r-dimensional space, each row with its bank id (the layout
+dynamic skipping uses, moesvd_vllm/skip_kernel.py: the CPU kernel has no expert map), and the kernel's
+weighted [P, r] outputs go back through their group's B_g and are summed per token in float32. On CPU
+vLLM calls the MoE method inside the compiled graph (no opaque `moe_forward` op there), so the grouped
+GEMM with its data-dependent padding is a custom op that torch.compile sees only by its output shape.
 
 The stacked bases are plain parameters (checkpoint names `moe_svd_in.weight` [G r, H] and
 `moe_svd_out.weight` [H, G r]) read in slices, not vLLM linear layers: a CPU linear layer may repack its
@@ -35,6 +37,7 @@ class StackedBasis(nn.Module):
         self.weight = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self._load
         self.checkpoint_name = name
+        self.output_size, self.input_size = shape  # as on a vLLM linear layer (the stacked, logical shape)
 
     def _load(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if tuple(loaded.shape) != tuple(param.shape):
@@ -73,8 +76,10 @@ def _routed_pairs(topk_weights: torch.Tensor, skip_beta: float, renormalize: boo
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(token, slot, weights) of the pairs that reach the kernel: all of them, or the ones dynamic skipping
     keeps (moesvd_vllm/skipping.py) with their renormalised weights."""
-    if skip_beta <= 0.0:
-        token, slot = torch.ones_like(topk_weights, dtype=torch.bool).nonzero(as_tuple=True)
+    if skip_beta <= 0.0:  # every pair, in token order (static shapes: nothing data-dependent to trace)
+        num_tokens, k = topk_weights.shape
+        token = torch.arange(num_tokens, device=topk_weights.device).repeat_interleave(k)
+        slot = torch.arange(k, device=topk_weights.device).repeat(num_tokens)
         return token, slot, topk_weights
     keep = keep_mask(topk_weights, skip_beta)
     weights = kept_weights(topk_weights, keep, renormalize).to(topk_weights.dtype)
@@ -84,13 +89,31 @@ def _routed_pairs(topk_weights: torch.Tensor, skip_beta: float, renormalize: boo
     return token, slot, weights
 
 
-def _padded_slots(group: torch.Tensor, groups: int) -> tuple[torch.Tensor, int]:
-    """Each row's position within its group (rows sorted by group) and the largest group's row count: the
-    rows of group g go to [g, position] of a [G, n, .] batch, so one batched GEMM serves every group."""
-    counts = torch.bincount(group, minlength=groups)
-    starts = torch.cumsum(counts, 0) - counts
-    position = torch.arange(group.shape[0], device=group.device) - starts[group]
-    return position, int(counts.max()) if group.numel() else 0
+@torch.library.custom_op("moesvd::rowwise_group_matmul", mutates_args=())
+def rowwise_group_matmul(rows: torch.Tensor, group: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """rows[p] @ weights[group[p]] for every row p: [P, D_in] x [G, D_in, D_out] -> [P, D_out].
+
+    The rows are sorted by group and scattered into a zero-padded [G, n, D_in] batch (n: the largest
+    group's row count), so one batched GEMM serves every group and a row costs D_in D_out whatever G is
+    (it still reads every group's weights and pads every group to n rows).
+    A custom op: on CPU vLLM calls the MoE method inside the compiled graph, and the padded width is
+    data-dependent, so torch.compile sees only the op's shape (the fake implementation below)."""
+    out = rows.new_empty((rows.shape[0], weights.shape[2]))
+    if group.numel() == 0:
+        return out
+    counts = torch.bincount(group, minlength=weights.shape[0])
+    order = torch.argsort(group, stable=True)
+    sorted_group = group[order]
+    position = torch.arange(group.shape[0], device=group.device) - (torch.cumsum(counts, 0) - counts)[sorted_group]
+    batch = rows.new_zeros((weights.shape[0], int(counts.max()), rows.shape[1]))
+    batch[sorted_group, position] = rows[order]
+    out[order] = torch.bmm(batch, weights)[sorted_group, position]
+    return out
+
+
+@rowwise_group_matmul.register_fake
+def _(rows: torch.Tensor, group: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return rows.new_empty((rows.shape[0], weights.shape[2]))
 
 
 def run_grouped(moe_kernel, bases: GroupedBases, *, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
@@ -100,26 +123,18 @@ def run_grouped(moe_kernel, bases: GroupedBases, *, hidden_states: torch.Tensor,
     token, slot, weights = _routed_pairs(topk_weights, skip_beta, renormalize, count)
     experts = topk_ids[token, slot].long()
     group = bases.group_of_expert[experts]
-    order = torch.argsort(group, stable=True)  # rows of one group contiguous
-    token, slot, experts, group = token[order], slot[order], experts[order], group[order]
-    position, width = _padded_slots(group, bases.groups)
-    groups, rank, hidden = bases.input_basis.shape
     dtype = bases.input_basis.dtype
-    # A_g x for every row: the rows scattered into a zero-padded [G, n, H] batch, one batched GEMM
-    batch = hidden_states.new_zeros((groups, width, hidden), dtype=dtype)
-    batch[group, position] = hidden_states[token].to(dtype)
-    latent = torch.bmm(batch, bases.input_basis.transpose(1, 2))[group, position]
+    # A_g x for every row (one batched GEMM over the groups: rowwise_group_matmul)
+    latent = rowwise_group_matmul(hidden_states[token].to(dtype), group, bases.input_basis.transpose(1, 2))
     if shared_experts is not None and shared_experts_input is None:
         shared_experts_input = hidden_states
-    rows = moe_kernel.apply(hidden_states=latent.to(hidden_states.dtype).contiguous(),
+    rows = moe_kernel.apply(hidden_states=latent.to(hidden_states.dtype),
                             topk_weights=weights[token, slot].unsqueeze(1).contiguous(),
                             topk_ids=bases.bank_of_expert[experts].to(topk_ids.dtype).unsqueeze(1).contiguous(),
                             shared_experts=shared_experts, shared_experts_input=shared_experts_input,
                             **kernel_args)
-    # B_g of every row's (weighted) output, batched the same way, then summed per token in float32
-    batch_out = rows.new_zeros((groups, width, rank), dtype=dtype)
-    batch_out[group, position] = rows.to(dtype)
-    back = torch.bmm(batch_out, bases.output_basis)[group, position]
+    # B_g of every row's (weighted) output, then summed per token in float32
+    back = rowwise_group_matmul(rows.to(dtype), group, bases.output_basis)
     out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
     out.index_add_(0, token, back.float())
     return out.to(hidden_states.dtype)

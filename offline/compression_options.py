@@ -138,14 +138,15 @@ class CompressionOptions:
                                f"format's granularity), got {self.intermediate_step}")
         if not 0.0 <= self.min_kept_fraction <= 1.0:
             raise OptionsError(f"min_kept_fraction must be in [0, 1], got {self.min_kept_fraction}")
+        if self.basis_groups < 1:
+            raise OptionsError(f"basis_groups must be >= 1, got {self.basis_groups}")
         if self.trim_keep is not None and self.trim_keep < 1:
             raise OptionsError(f"trim_keep must be >= 1, got {self.trim_keep}")
         self.skip_choice  # a bad --skip-beta / --skip-target fails here
         if self.basis_groups != 1 and self.method_class.form != "shared_basis":
             raise OptionsError(f"basis_groups > 1 (group-wise bases) needs a shared-basis method, not "
                                f"{self.method!r}")
-        for name in ("num_samples", "seq_len", "batch_size", "trim_group_size", "baseline_rank_step",
-                     "basis_groups"):
+        for name in ("num_samples", "seq_len", "batch_size", "trim_group_size", "baseline_rank_step"):
             if getattr(self, name) < 1:
                 raise OptionsError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -49,9 +49,16 @@ def summarize(entry: dict, split: str) -> dict[float, dict[str, dict]]:
     for cell in entry["cells"]:
         if "scores" in cell:  # an unreachable cell has none (listed under the table)
             groups[(cell["ratio"], cell["variant"])].append(cell)
-    default_label = next(cell["variant"] for cell in entry["cells"])  # the default runs first
+    from offline.results_protocol import DEFAULT, VARIANTS
+
+    default_label = DEFAULT.label
+    order = {variant.label: i for i, variant in enumerate(VARIANTS)}
     table: dict[float, dict[str, dict]] = defaultdict(dict)
-    for (ratio, label), cells in sorted(groups.items(), key=lambda item: item[0][0]):
+    def position(item) -> tuple[float, int]:  # by ratio, then in the order of VARIANTS (the default first)
+        (ratio, label), _ = item
+        return ratio, order.get(label, len(order))
+
+    for (ratio, label), cells in sorted(groups.items(), key=position):
         row = {"seeds": sorted(c["seed"] for c in cells), "achieved": mean(c["achieved_ratio"] for c in cells),
                "ppl": [c["scores"][split][in_domain[0]]["ppl"] for c in cells],
                "kl": mean(c["scores"][split][in_domain[0]]["kl"] for c in cells),

@@ -64,10 +64,17 @@ def test_neuron_selection_shape_of_a_ratio():
     assert perf_models.synthetic_shape(QWEN3_30B, 0.4, neurons=False) == perf_models.SyntheticShape(rank=1216)
 
 
+def test_expert_bases_shape_of_a_ratio():
+    """--expert-bases-ratios: r (2 E H + 3 E I) = (1 - ratio) 3 E I H, rounded to 32 (Qwen3-30B-A3B: 442 -> 448)."""
+    assert perf_models.synthetic_shape(QWEN3_30B, 0.4, neurons=False, expert_bases=True) == \
+        perf_models.SyntheticShape(rank=448, basis_groups=128)
+
+
 @pytest.mark.slow  # several vLLM engines, about 3.5 min here
 def test_run_perf_tiny(tmp_path):
-    """`run_perf.py --tiny`: tiny fixture, 1 layer, ratio 0.4 by the real compressor and by neuron selection
-    (synthetic, format v2: no bases), offline engines and a served A/B (the first pair)."""
+    """`run_perf.py --tiny`: tiny fixture, 1 layer, ratio 0.4 by the real compressor, by neuron selection
+    (synthetic, format v2: no bases) and with every expert's own bases (synthetic, format v4), offline
+    engines and a served A/B (the first pair)."""
     out = tmp_path / "perf"
     completed = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "run_perf.py"), "--tiny",
                                 "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -94,4 +101,9 @@ def test_run_perf_tiny(tmp_path):
     # vLLM's x86 kernel pads I' = 80 to 96: resident = the schema's count with I' padded
     assert neurons["padded_ideal_bytes_ratio"] == pytest.approx(128 / 96)
     assert abs(neurons["weights"]["deviation_from_padded"]) < 1e-9
+    experts = results["summary"]["pairs"][2]  # format v4: every expert its own bases, the grouped path
+    assert experts["variant"] == "0.4-expert-bases" and experts["bases"]
+    expert_metrics = {row["metric"]: row for row in experts["rows"]}
+    assert expert_metrics["MoE block ms @32 tok"]["compressed"] > 0
+    assert abs(experts["weights"]["deviation_from_padded"]) < 1e-9
     assert "| ratio (layer shape) |" in (out / "perf.md").read_text()

@@ -2,7 +2,11 @@
 
 The plan reduces each expert's intermediate neurons first (offline/slimming.py), down to
 `min_intermediate_fraction` = 1/2 of I, and only then lowers the rank r of bases shared by all experts of
-the layer (measured better than either alone on the bundled model, docs/results.md). The bases:
+the layer (measured better than either alone on the bundled model, docs/results.md). With
+`basis_groups` G > 1 the experts form G groups with their own pair of bases each (App. D.4; G = E: every
+expert its own, `--basis-groups E --min-intermediate-fraction 1`, the best quality on fine-grained
+experts in the results protocol, but slower to serve at small batches on CPUs without native bf16,
+docs/performance.md). The bases:
 
 * A [r, H] (input side): the top-r right singular subspace of all experts' gate and up rows, stacked,
   whitened by the layer's input Gram and weighted by routing frequency: MoE-SVD's V-sharing (Eq. 5-6)
