@@ -218,3 +218,24 @@ def test_served_compressed_with_skipping_matches_reference(compressed_skip_check
     block = json.loads((compressed_skip_checkpoint / "config.json").read_text())["moe_svd"]
     assert block["layers"] and len(block["layers"]) < 4 and block["format_version"] == 3  # decomposed + dense
     _served_against_reference(compressed_skip_checkpoint, vllm_server(compressed_skip_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def grouped_skip_checkpoint(tmp_path_factory) -> Path:
+    from offline.compress import CompressionOptions, compress
+
+    options = CompressionOptions(calib=str(CALIB), num_samples=8, seq_len=64, batch_size=4, ratio=0.5,
+                                 ratio_tolerance=0.05, basis_groups=4, min_intermediate_fraction=1.0,
+                                 skip_target=TARGET)
+    return compress(BUNDLED, tmp_path_factory.mktemp("skip") / "grouped-skip", options)
+
+
+@pytest.mark.slow  # ~3 min
+def test_served_group_wise_bases_with_skipping_match_reference(grouped_skip_checkpoint, vllm_server):
+    """Format version 4 (group-wise bases) with skipping: only the kept pairs become rows of the grouped
+    path (moesvd_vllm/grouped_bases.py)."""
+    block = json.loads((grouped_skip_checkpoint / "config.json").read_text())["moe_svd"]
+    assert block["format_version"] == 4 and block["skipping"] is not None
+    assert all(layer["basis_groups"] == 4 for layer in block["layers"].values())
+    _served_against_reference(grouped_skip_checkpoint, vllm_server(grouped_skip_checkpoint))
+
