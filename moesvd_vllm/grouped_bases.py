@@ -3,19 +3,19 @@
 
 Expert e of group g computes B_g down_k(act(gate_k(A_g x)) * up_k(A_g x)) (App. D.4's group-wise V-sharing;
 G = E gives every expert its own bases). Every routed (token, expert) pair becomes one row: its token's
-hidden state times its group's A_g (`rowwise_group_matmul`: one batched GEMM over the groups, each padded to
-the largest group's row count: about k r H per token when many tokens load the groups evenly, up to
-G r H at one token, which is why per-expert bases decode slowly at batch 1, docs/performance.md), then all
-rows form one top-1 problem for vLLM's own fused-experts kernel in the r-dimensional space, each row with its bank id (the layout
-dynamic skipping uses, moesvd_vllm/skip_kernel.py: the CPU kernel has no expert map), and the kernel's
-weighted [P, r] outputs go back through their group's B_g and are summed per token in float32. On CPU
-vLLM calls the MoE method inside the compiled graph (no opaque `moe_forward` op there), so the grouped
-GEMM with its data-dependent padding is a custom op that torch.compile sees only by its output shape.
+hidden state times its group's A_g (`rowwise_group_matmul`: on CPU one GEMM per group some row visits,
+so a token reads only its k experts' bases; on accelerators one batched GEMM padded to the largest
+group), then all rows form one top-1 problem for vLLM's own fused-experts kernel in the r-dimensional
+space, each row with its bank id (the layout dynamic skipping uses, moesvd_vllm/skip_kernel.py: the CPU
+kernel has no expert map), and the kernel's weighted [P, r] outputs go back through their group's B_g and
+are summed per token in float32. On CPU vLLM calls the MoE method inside the compiled graph (no opaque
+`moe_forward` op there), so the grouped GEMM with its data-dependent work is a custom op that
+torch.compile sees only by its output shape.
 
 The stacked bases are plain parameters (checkpoint names `moe_svd_in.weight` [G r, H] and
 `moe_svd_out.weight` [H, G r]) read in slices, not vLLM linear layers: a CPU linear layer may repack its
 weight, and one GEMM over all G stacked groups would cost G r H per token. B is rearranged once at load
-into B_g^T [G, r, H] for the batched GEMM.
+into B_g [G, H, r].
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class GroupedBases:
     """What the grouped path needs of one layer: the bases per group and the expert -> group / bank maps."""
 
     input_basis: torch.Tensor  # [G, r, H]: A_g
-    output_basis: torch.Tensor  # [G, r, H]: B_g^T
+    output_basis: torch.Tensor  # [G, H, r]: B_g
     group_of_expert: torch.Tensor  # [E] int64
     bank_of_expert: torch.Tensor  # [E] int64
 
@@ -64,12 +64,13 @@ class GroupedBases:
 
 def per_group_views(input_weight: torch.Tensor, output_weight: torch.Tensor, groups: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stored [G r, H] and [H, G r] bases as A_g [G, r, H] (a view) and B_g^T [G, r, H] (a copy,
-    made once at load: the checkpoint keeps B's stacked layout)."""
+    """The stored [G r, H] and [H, G r] bases as A_g [G, r, H] (a view) and B_g [G, H, r] (a copy, made
+    once at load: the checkpoint keeps B's stacked layout). Both are row-major per group, so their
+    transposes are the layout `rowwise_group_matmul` runs fastest."""
     hidden = input_weight.shape[1]
     rank = input_weight.shape[0] // groups
     return (input_weight.view(groups, rank, hidden),
-            output_weight.view(hidden, groups, rank).permute(1, 2, 0).contiguous())
+            output_weight.view(hidden, groups, rank).permute(1, 0, 2).contiguous())
 
 
 def _routed_pairs(topk_weights: torch.Tensor, skip_beta: float, renormalize: bool, count: bool
@@ -89,18 +90,21 @@ def _routed_pairs(topk_weights: torch.Tensor, skip_beta: float, renormalize: boo
     return token, slot, weights
 
 
-@torch.library.custom_op("moesvd::rowwise_group_matmul", mutates_args=())
-def rowwise_group_matmul(rows: torch.Tensor, group: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """rows[p] @ weights[group[p]] for every row p: [P, D_in] x [G, D_in, D_out] -> [P, D_out].
+# On a CPU without native bf16 GEMMs (AVX2: torch's fallback runs at about 5.5 GFLOP/s), a group with this
+# many rows or more is faster converted to float32 once (one pass over r H weights, then an MKL GEMM at
+# about 45 GFLOP/s); a lone row stays a bf16 GEMV, which reads each weight once (docs/performance.md).
+_FLOAT32_FROM_ROWS = 2
 
-    The rows are sorted by group and scattered into a zero-padded [G, n, D_in] batch (n: the largest
-    group's row count), so one batched GEMM serves every group and a row costs D_in D_out whatever G is
-    (it still reads every group's weights and pads every group to n rows).
-    A custom op: on CPU vLLM calls the MoE method inside the compiled graph, and the padded width is
-    data-dependent, so torch.compile sees only the op's shape (the fake implementation below)."""
+
+def _native_low_precision_gemm(weights: torch.Tensor) -> bool:
+    return weights.device.type != "cpu" or weights.dtype == torch.float32 or \
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _padded_batched_matmul(rows: torch.Tensor, group: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Accelerators: the rows scattered into a zero-padded [G, n, D_in] batch (n: the largest group's row
+    count) for one batched GEMM; it reads every group's weights and pads every group to n rows."""
     out = rows.new_empty((rows.shape[0], weights.shape[2]))
-    if group.numel() == 0:
-        return out
     counts = torch.bincount(group, minlength=weights.shape[0])
     order = torch.argsort(group, stable=True)
     sorted_group = group[order]
@@ -109,6 +113,43 @@ def rowwise_group_matmul(rows: torch.Tensor, group: torch.Tensor, weights: torch
     batch[sorted_group, position] = rows[order]
     out[order] = torch.bmm(batch, weights)[sorted_group, position]
     return out
+
+
+def _per_group_matmul(rows: torch.Tensor, group: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """CPUs: the rows sorted by group, one GEMM per visited group on its slice (groups no row visits
+    cost nothing: one token of a 128-expert layer reads 8 experts' bases, not 128)."""
+    counts = torch.bincount(group, minlength=weights.shape[0])
+    order = torch.argsort(group, stable=True)
+    sorted_rows = rows[order]
+    sorted_out = rows.new_empty((rows.shape[0], weights.shape[2]))
+    convert = not _native_low_precision_gemm(weights)
+    visited = counts.nonzero().flatten()
+    start = 0
+    for g, n in zip(visited.tolist(), counts[visited].tolist()):
+        end = start + n
+        if convert and n >= _FLOAT32_FROM_ROWS:
+            sorted_out[start:end] = sorted_rows[start:end].float() @ weights[g].float()
+        else:
+            torch.mm(sorted_rows[start:end], weights[g], out=sorted_out[start:end])
+        start = end
+    out = torch.empty_like(sorted_out)
+    out[order] = sorted_out
+    return out
+
+
+@torch.library.custom_op("moesvd::rowwise_group_matmul", mutates_args=())
+def rowwise_group_matmul(rows: torch.Tensor, group: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """rows[p] @ weights[group[p]] for every row p: [P, D_in] x [G, D_in, D_out] -> [P, D_out].
+
+    `weights` should be a transposed view of row-major [G, D_out, D_in] matrices: every output element is
+    then a contiguous dot product, the layout torch's bf16 fallback on AVX2 runs fastest (the other one is
+    about 20x slower there). A custom op: on CPU vLLM calls the MoE method inside the compiled graph, and
+    the work per group is data-dependent, so torch.compile sees only the op's shape (the fake below)."""
+    if group.numel() == 0:
+        return rows.new_empty((rows.shape[0], weights.shape[2]))
+    if rows.device.type == "cpu":
+        return _per_group_matmul(rows, group, weights)
+    return _padded_batched_matmul(rows, group, weights)
 
 
 @rowwise_group_matmul.register_fake
@@ -124,7 +165,7 @@ def run_grouped(moe_kernel, bases: GroupedBases, *, hidden_states: torch.Tensor,
     experts = topk_ids[token, slot].long()
     group = bases.group_of_expert[experts]
     dtype = bases.input_basis.dtype
-    # A_g x for every row (one batched GEMM over the groups: rowwise_group_matmul)
+    # A_g x for every row (rowwise_group_matmul: one GEMM per visited group)
     latent = rowwise_group_matmul(hidden_states[token].to(dtype), group, bases.input_basis.transpose(1, 2))
     if shared_experts is not None and shared_experts_input is None:
         shared_experts_input = hidden_states
@@ -134,7 +175,7 @@ def run_grouped(moe_kernel, bases: GroupedBases, *, hidden_states: torch.Tensor,
                             shared_experts=shared_experts, shared_experts_input=shared_experts_input,
                             **kernel_args)
     # B_g of every row's (weighted) output, then summed per token in float32
-    back = rowwise_group_matmul(rows.to(dtype), group, bases.output_basis)
+    back = rowwise_group_matmul(rows.to(dtype), group, bases.output_basis.transpose(1, 2))
     out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
     out.index_add_(0, token, back.float())
     return out.to(hidden_states.dtype)

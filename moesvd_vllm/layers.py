@@ -242,7 +242,7 @@ class SharedBasisExperts(FusedMoEMethodBase):
         finally:
             layer.moe_config = layer_config
         self.moe_kernel = self.bank_method.moe_kernel
-        if self.groups > 1:  # A_g and B_g^T [G, r, H] for the batched GEMMs (moesvd_vllm/grouped_bases.py)
+        if self.groups > 1:  # A_g [G, r, H] and B_g [G, H, r] for the per-group GEMMs (moesvd_vllm/grouped_bases.py)
             self.group_in, self.group_out = per_group_views(layer.moe_svd_in.weight.data,
                                                             layer.moe_svd_out.weight.data, self.groups)
             layer.moe_svd_out.weight.data = self.group_out  # the stacked copy is not kept

@@ -84,3 +84,41 @@ def test_trimming_groups_must_lie_inside_basis_groups(tiny_model_dir, tmp_path):
 def test_basis_groups_need_a_shared_basis_method():
     with pytest.raises(OptionsError, match="basis_groups > 1 .* needs a shared-basis method, not 'svd'"):
         _options(method="svd", basis_groups=2)
+
+
+def _rows_in_uneven_groups(dtype: torch.dtype):
+    """12 rows over 6 groups: group 1 five rows (the float32-converted path on CPUs without native bf16),
+    groups 0, 3 and 4 one row each (bf16 GEMVs), groups 2 and 5 none; weights a transposed view of
+    row-major [G, D_out, D_in] matrices, as the plugin passes them."""
+    generator = torch.Generator().manual_seed(0)
+    group = torch.tensor([1, 0, 1, 3, 1, 1, 4, 1, 3, 0, 4, 1])
+    rows = torch.randn(group.numel(), 64, generator=generator).to(dtype)
+    weights = torch.randn(6, 48, 64, generator=generator).to(dtype).transpose(1, 2)
+    return rows, group, weights
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rowwise_group_matmul_multiplies_each_row_by_its_groups_matrix(dtype):
+    """Against float64 row by row. The inputs are exact in `dtype`, every path accumulates in float32, so
+    the error is the output's rounding to `dtype` (half an ulp, relative 2^-8 in bf16, 2^-23 in float32)
+    plus float32 accumulation over 64 terms of O(1) products (under 1e-4)."""
+    from moesvd_vllm.grouped_bases import _padded_batched_matmul, rowwise_group_matmul
+
+    rows, group, weights = _rows_in_uneven_groups(dtype)
+    expected = torch.stack([rows[p].double() @ weights[g].double() for p, g in enumerate(group.tolist())])
+    relative = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -23
+    for product in (rowwise_group_matmul(rows, group, weights), _padded_batched_matmul(rows, group, weights)):
+        assert product.dtype == dtype and product.shape == (12, 48)
+        error = (product.double() - expected).abs()
+        assert bool((error <= relative * expected.abs() + 1e-4).all()), float(error.max())
+
+
+def test_rowwise_group_matmul_is_a_valid_custom_op():
+    """torch.library's own checks (fake tensor shapes, schema, autograd registration) that torch.compile
+    relies on when vLLM traces the MoE method on CPU; and no rows give an empty result."""
+    from moesvd_vllm.grouped_bases import rowwise_group_matmul
+
+    rows, group, weights = _rows_in_uneven_groups(torch.bfloat16)
+    torch.library.opcheck(rowwise_group_matmul, (rows, group, weights))
+    empty = rowwise_group_matmul(rows[:0], group[:0], weights)
+    assert empty.shape == (0, 48)
