@@ -96,9 +96,16 @@ def _routed_pairs(topk_weights: torch.Tensor, skip_beta: float, renormalize: boo
 _FLOAT32_FROM_ROWS = 2
 
 
-def _native_low_precision_gemm(weights: torch.Tensor) -> bool:
-    return weights.device.type != "cpu" or weights.dtype == torch.float32 or \
-        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+def _native_gemm(weights: torch.Tensor) -> bool:
+    """Whether torch multiplies `weights`' dtype natively here (oneDNN's bf16 / fp16 GEMMs need AMX or
+    AVX512-BF16 / AVX512-FP16; without them torch falls back to a slow reference GEMM)."""
+    probes = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+    if weights.device.type != "cpu" or weights.dtype not in probes:
+        return True
+    try:
+        return bool(getattr(torch.ops.mkldnn, probes[weights.dtype])())
+    except (AttributeError, RuntimeError):  # a torch without the probe
+        return False
 
 
 def _padded_batched_matmul(rows: torch.Tensor, group: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -122,7 +129,7 @@ def _per_group_matmul(rows: torch.Tensor, group: torch.Tensor, weights: torch.Te
     order = torch.argsort(group, stable=True)
     sorted_rows = rows[order]
     sorted_out = rows.new_empty((rows.shape[0], weights.shape[2]))
-    convert = not _native_low_precision_gemm(weights)
+    convert = not _native_gemm(weights)
     visited = counts.nonzero().flatten()
     start = 0
     for g, n in zip(visited.tolist(), counts[visited].tolist()):
