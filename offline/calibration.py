@@ -33,9 +33,10 @@ logger = logging.getLogger(__name__)
 GRAM_CHUNK_ROWS = 4096  # rows per float32 Gram GEMM; the partial Grams are summed in float64
 
 
-def gram(rows: torch.Tensor, scale: torch.Tensor | None = None, segments: list[int] | None = None
-         ) -> torch.Tensor:
-    """X^T diag(scale^2) X in float64 [H, H] for X = `rows` [T, H].
+def gram(rows: torch.Tensor, scale: torch.Tensor | None = None, segments: list[int] | None = None,
+         other: torch.Tensor | None = None) -> torch.Tensor:
+    """X^T diag(scale^2) X in float64 [H, H] for X = `rows` [T, H]; with `other` Z [T, H'] the cross Gram
+    X^T diag(scale^2) Z [H, H'] (same chunks, same sums).
 
     float32 GEMMs over chunks of `GRAM_CHUNK_ROWS` rows, accumulated in float64: about 2x the speed of a
     float64 GEMM, relative difference to it ~1e-7 on bf16/float32 inputs, three orders below the damping
@@ -44,15 +45,18 @@ def gram(rows: torch.Tensor, scale: torch.Tensor | None = None, segments: list[i
     `segments` (row counts summing to T, the rows of each calibration batch): no chunk spans two, so the
     float32 partials and their float64 sum are the same as one process's when the rows are all of them in
     batch order (offline/distributed.py)."""
-    out = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
+    columns = rows if other is None else other
+    out = torch.zeros(rows.shape[1], columns.shape[1], dtype=torch.float64, device=rows.device)
     first = 0
     for count in (segments if segments is not None else [rows.shape[0]]):
         for start in range(first, first + count, GRAM_CHUNK_ROWS):
             end = min(start + GRAM_CHUNK_ROWS, first + count)
             x = rows[start:end].float()
+            z = x if other is None else other[start:end].float()
             if scale is not None:
                 x = x * scale[start:end, None].float()
-            out += (x.T @ x).double()
+                z = x if other is None else z * scale[start:end, None].float()
+            out += (x.T @ z).double()
         first += count
     return out
 
@@ -186,7 +190,7 @@ class ExpertStatistics:
             raise RuntimeError("outlier counts were not collected for this layer")
         return self.outliers.double() / self.num_activations.clamp(min=1).double()
 
-    def _expert_inputs(self, expert: int, ranks: Ranks | None, owner: int | None
+    def expert_inputs(self, expert: int, ranks: Ranks | None, owner: int | None
                        ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
         """The expert's routed rows, their routing weights (with `routing_weighted`) and rows per batch,
         of every rank's batches in batch order (`Ranks.batches_in_order`), on `owner` (None elsewhere;
@@ -208,7 +212,7 @@ class ExpertStatistics:
         """X_e^T X_e [H, H] float64 over the tokens routed to `expert` (App. D.2), each row scaled by its
         routing weight with `routing_weighted` (the block output scales expert e's output by it). With
         `ranks`: over every rank's tokens, on `owner` only (None elsewhere) or on every rank."""
-        inputs = self._expert_inputs(expert, ranks, owner)
+        inputs = self.expert_inputs(expert, ranks, owner)
         return None if inputs is None else gram(*inputs)
 
     def mid_gram(self, expert: int, ranks: Ranks | None = None, owner: int | None = None
@@ -216,7 +220,7 @@ class ExpertStatistics:
         """Y_e^T Y_e [I, I] float64 of the expert's intermediate activations (the input of its down
         projection), recomputed from its routed inputs with the `experts` module; `ranks` and `owner`
         as for `input_gram`."""
-        inputs = self._expert_inputs(expert, ranks, owner)
+        inputs = self.expert_inputs(expert, ranks, owner)
         if inputs is None:
             return None
         rows, weights, segments = inputs
@@ -254,8 +258,13 @@ class ExpertStatistics:
 
 def expert_activations(experts: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
     """act(W_gate x) * (W_up x) of one expert of a transformers-5 fused experts module."""
-    gate, up = nn.functional.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
-    return experts.act_fn(gate) * up
+    return gated_activations(experts.gate_up_proj[expert], experts.act_fn, x)
+
+
+def gated_activations(gate_up: torch.Tensor, act_fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """act(W_gate x) * (W_up x) for a fused [gate; up] weight [2I, H] (x in its dtype)."""
+    gate, up = nn.functional.linear(x.to(gate_up.dtype), gate_up).chunk(2, dim=-1)
+    return act_fn(gate) * up
 
 
 class ExpertStatisticsHook:

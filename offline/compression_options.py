@@ -27,6 +27,7 @@ DEFAULT_METHOD = "moe-svd-stacked"
 PROPAGATE = ("compressed", "dense")
 SELECTIONS = ("sensitivity", "all")
 OUTPUT_BASES = ("block", "experts")
+DOWN_FITS = ("weights", "outputs")
 TRIM_COMBINES = ("one", "sum")  # U-trimming: one kept bank (Algorithm 3) or Eq. 8's sum of the kept factors
 
 
@@ -81,6 +82,12 @@ class CompressionOptions:
                                     "weight squared")
     output_basis: str = option("block", "moe-svd-stacked output basis: 'block' (PCA of the routed MoE output) "
                                "or 'experts' (of the experts' whitened down projections)", choices=OUTPUT_BASES)
+    # "outputs": the down factor also compensates the error the compressed gate and up leave in the
+    # intermediate activations (a sequential fit, offline/decompose.py fit_output_factor_to_outputs)
+    down_fit: str = option("weights", "shared-basis methods: each expert's down factor D on the output basis B "
+                           "from its 'weights' (D = B^T W_down) or from its 'outputs' (least squares of the dense "
+                           "expert's output from the compressed gate/up's activations on its calibration tokens)",
+                           choices=DOWN_FITS)
     trim_keep: int | None = option(None, "U-trimming (Eq. 7-8): experts kept per group; None: by method "
                                    f"({_by_method('trim_keep')}; None = no trimming)")
     # Eq. 8 as printed sums two kept experts' U Sigma into a new matrix per trimmed expert; the fused kernel
@@ -151,7 +158,7 @@ class CompressionOptions:
                 raise OptionsError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def _check_choices(self) -> None:
-        for name, allowed in (("propagate", PROPAGATE), ("output_basis", OUTPUT_BASES),
+        for name, allowed in (("propagate", PROPAGATE), ("output_basis", OUTPUT_BASES), ("down_fit", DOWN_FITS),
                               ("trim_combine", TRIM_COMBINES)):
             if getattr(self, name) not in allowed:
                 raise OptionsError(f"{name} {getattr(self, name)!r} is not one of {allowed}")

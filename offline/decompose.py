@@ -250,6 +250,23 @@ def fit_output_factor(weight: torch.Tensor, basis: torch.Tensor) -> torch.Tensor
     return basis.double().T @ weight.double()
 
 
+def fit_output_factor_to_outputs(weight: torch.Tensor, basis: torch.Tensor | None, cross_gram: torch.Tensor,
+                                 gram: torch.Tensor) -> torch.Tensor:
+    """D [r, I] minimising sum_t ||B D h'_t - W h_t||^2: the dense down projection W [H, I] applied to the
+    dense intermediate activations h, reproduced from the compressed ones h' (those of the fitted gate and
+    up). Normal equations: B^T B D C' = B^T W C_x, so for orthonormal B [H, r]
+        D = B^T W C_x C'^{-1},   C_x = sum h h'^T (`cross_gram`), C' = sum h' h'^T (`gram`, positive definite);
+    `basis` None (no output basis): the full [H, I] correction W C_x C'^{-1}. With h' = h this is
+    `fit_output_factor`; it is the down half of a sequential (GPTQ-style) fit: the error the compressed
+    gate and up leave in h is compensated where it is cheapest, in the factor that reads h."""
+    w, c = weight.double(), gram.double()
+    target = w @ cross_gram.double()  # [H, I]
+    c = (c + c.T) / 2
+    factor_l, info = torch.linalg.cholesky_ex(c)
+    solved = (torch.cholesky_solve(target.T, factor_l) if int(info) == 0 else torch.linalg.solve(c, target.T)).T
+    return solved if basis is None else basis.double().T @ solved
+
+
 # ------------------------------------------------------------------------------------------ errors
 def whitened_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> tuple[float, float]:
     """(||(W - W') X^T||^2, ||W X^T||^2) via the Gram: tr(D C D^T)."""

@@ -80,6 +80,10 @@ VARIANTS = (
     # U-trimming groups of 8 (App. D.4: DeepSeek's 64 experts in 8 groups, V shared within each)
     Variant("ours: per-expert bases, rank only", "compress",
             extra={"basis_groups": "experts", "min_intermediate_fraction": 1.0}),
+    # the down factor fitted to the dense expert's output from the compressed gate/up (`--down-fit outputs`)
+    Variant("ours: default, down factor fitted to outputs", "compress", extra={"down_fit": "outputs"}),
+    Variant("ours: per-expert bases, down factor fitted to outputs", "compress",
+            extra={"basis_groups": "experts", "min_intermediate_fraction": 1.0, "down_fit": "outputs"}),
     Variant("paper: group-wise V-sharing + U-trimming (App. D.4)", "compress", "moe-svd",
             {"basis_groups": "trim groups"}),
     Variant("per-expert SVD", "compress", "svd", servable=False),

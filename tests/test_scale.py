@@ -74,13 +74,16 @@ def test_malformed_device_is_refused_with_the_choices(spec):
 
 
 # ------------------------------------------------------------------------------------------ torch.distributed
-@pytest.mark.parametrize("which", ["tiny-default", "bundled-moe-svd"])
+@pytest.mark.parametrize("which", ["tiny-default", "bundled-moe-svd", "tiny-down-fit"])
 def test_two_processes_give_the_checkpoint_of_one(tiny_model_dir, tmp_path, which):
     """torchrun with 2 gloo processes: calibration windows split, statistics summed, experts (neuron
-    selection and fits for the default, U-trimming groups for moe-svd) split; rank 0 writes."""
-    model = tiny_model_dir("qwen3_moe") if which == "tiny-default" else BUNDLED
+    selection and fits for the default, U-trimming groups for moe-svd) split; rank 0 writes. `--down-fit
+    outputs` gathers each expert's routed rows on the rank that fits it."""
+    model = BUNDLED if which == "bundled-moe-svd" else tiny_model_dir("qwen3_moe")
     # tiny: with expert-skipping calibration too (its betas come from every rank's routing ratios)
-    method = ["--method", "moe-svd", "--ratio", "0.4"] if which == "bundled-moe-svd" else ["--skip-target", "0.3"]
+    method = {"bundled-moe-svd": ["--method", "moe-svd", "--ratio", "0.4"],
+              "tiny-default": ["--skip-target", "0.3"],
+              "tiny-down-fit": ["--ratio", "0.6", "--down-fit", "outputs"]}[which]  # 0.6: layers with bases
     small = ["--num-samples", "8", "--seq-len", "32", "--batch-size", "2"]  # 4 batches: 2 per rank
     one = subprocess.run(_cli(model, tmp_path / "one", *small, *method), env=_env(), capture_output=True,
                          text=True, timeout=600)

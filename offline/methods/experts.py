@@ -3,12 +3,13 @@ the report's error sums, and writing an expert's compressed weights back into th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from offline import decompose as dec
-from offline.calibration import ExpertStatistics
+from offline.calibration import ExpertStatistics, gated_activations, gram
 from offline.distributed import Ranks
 from offline.expert_tensors import LayerExperts
 
@@ -56,6 +57,49 @@ class ExpertGrams:
         regularised; computed from the layer's current expert weights."""
         total = self.stats.mid_gram(expert, self.ranks, owner)
         return None if total is None else self._regularized(total, self.mid_prior)
+
+
+    def routed_inputs(self, expert: int, owner: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
+        """The expert's routed rows [T_e, H], their routing weights (None unless `routing_weighted`) and
+        rows per batch, of every rank's windows in batch order, on `owner` (None elsewhere)."""
+        return self.stats.expert_inputs(expert, self.ranks, owner)
+
+    def output_fit(self, inputs: tuple[torch.Tensor, torch.Tensor | None, list[int]], dense_gate_up: torch.Tensor,
+                   fitted_gate_up: torch.Tensor, act_fn: nn.Module) -> OutputFitData | None:
+        """What `decompose.fit_output_factor_to_outputs` needs for one expert, over its routed tokens
+        (`inputs`, from `routed_inputs`); None without routed tokens."""
+        rows, weights, segments = inputs
+        if rows.shape[0] == 0:
+            return None
+        with torch.no_grad():
+            dense = gated_activations(dense_gate_up, act_fn, rows)
+            fitted = gated_activations(fitted_gate_up, act_fn, rows)
+        # the same prior as `mid` on both (an expert with few tokens keeps close to D = B^T W), damping on C'
+        cross = dec.regularized_gram(gram(dense, weights, segments, other=fitted), self.mid_prior,
+                                     self.options.prior_tokens, 0.0, in_place=True)
+        return OutputFitData(dense, fitted, weights, cross, self._regularized(gram(fitted, weights, segments),
+                                                                               self.mid_prior))
+
+
+@dataclass
+class OutputFitData:
+    """One expert's intermediate activations on its routed tokens, h of its dense [gate; up] and h' of the
+    fitted one (compute dtype), and their Grams sum h h'^T and sum h' h'^T [I, I] (regularised, float64)."""
+
+    dense: torch.Tensor  # [T_e, I]
+    fitted: torch.Tensor  # [T_e, I]
+    weights: torch.Tensor | None  # [T_e] routing weights (with `routing_weighted`)
+    cross: torch.Tensor
+    gram: torch.Tensor
+
+    def output_error(self, down_weight: torch.Tensor, down: torch.Tensor) -> tuple[float, float]:
+        """(sum_t w_t^2 ||D' h'_t - W h_t||^2, sum_t w_t^2 ||W h_t||^2) for the dense down W [H, I] and a
+        fitted one D' [H, I] (float32 products, float64 sums)."""
+        target = self.dense.float() @ down_weight.float().T
+        error = self.fitted.float() @ down.float().T - target
+        scale = torch.ones(target.shape[0], device=target.device) if self.weights is None else self.weights.float() ** 2
+        return float((error.pow(2).sum(1) * scale).double().sum()), float((target.pow(2).sum(1) * scale).double().sum())
 
 
 class ErrorSums:

@@ -79,6 +79,24 @@ def _error_parts(fit: dec.InputFit, down_weight: torch.Tensor, mid_gram: torch.T
 _PROJECTIONS = ("gate", "up", "down")
 
 
+class _OutputErrors:
+    """With `down_fit` "outputs": the experts' relative output error on their calibration tokens,
+    sum_e ||D'_e h'_e - W_e h_e||^2 / sum_e ||W_e h_e||^2, with the refitted down factors and with the
+    weight fit D = B^T W they replace (the report's "down_outputs" and "down_outputs_weight_fit")."""
+
+    def __init__(self) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64)
+
+    def add(self, terms: torch.Tensor) -> None:
+        self.sums += terms.cpu()
+
+    def relative(self) -> dict[str, float]:
+        fit, weight, energy = self.sums.tolist()
+        if energy <= 0:
+            return {}
+        return {"down_outputs": fit / energy, "down_outputs_weight_fit": weight / energy}
+
+
 def _summed_factors(kept: list[_BankFactors]) -> _BankFactors:
     """Eq. 8: U_{i,1} S_{i,1} + U_{i,2} S_{i,2} (and likewise the down factors), summed in float32 and
     rounded once to the model dtype (float64 for a float64 model)."""
@@ -152,14 +170,16 @@ class SharedBasisMethod(CompressionMethod):
         stored = range(num_experts) if options.trim_combine == "sum" else (e for kept in kept_by_group for e in kept)
         bank_of = {e: bank for bank, e in enumerate(sorted(stored))}
         source = list(range(num_experts))  # the expert whose factors serve each expert
-        errors = ErrorSums()
+        errors, output_errors = ErrorSums(), _OutputErrors()
         for round_ in ranks.rounds(list(zip(groups, kept_by_group))):
             fitted: dict[int, dict] = {}  # this rank's group of the round: expert -> its fit's outcome
             for owner, (group, kept) in round_:
                 order = kept + [e for e in group if e not in kept]  # kept experts first
-                received = {e: (grams.input(e, owner), grams.mid(e, owner)) for e in order}
+                received = {e: (grams.input(e, owner), grams.mid(e, owner),
+                                    grams.routed_inputs(e, owner) if self._fits_outputs(basis_in) else None)
+                            for e in order}
                 if owner == ranks.rank:
-                    fitted = self._fit_group(work, experts, order, kept, received, basis_in, basis_out)
+                    fitted = self._fit_group(work, experts, grams, order, kept, received, basis_in, basis_out)
                 del received
             for owner, (group, kept) in round_:
                 factors: dict[int, _BankFactors] = {}  # the group's kept experts
@@ -167,6 +187,8 @@ class SharedBasisMethod(CompressionMethod):
                     outcome = ranks.share(fitted.pop(e, None), owner)
                     source[e] = outcome["source"]
                     errors.add({name: tuple(pair) for name, pair in zip(_PROJECTIONS, outcome["parts"].tolist())})
+                    if "outputs" in outcome:
+                        output_errors.add(outcome["outputs"])
                     if "gate_up" in outcome:  # a bank of its own: kept, or Eq. 8's sum
                         factors[e] = _BankFactors(outcome["gate_up"], outcome["down"])
                         self._emit_bank(work, bank_of[e], factors[e], neurons[e])
@@ -184,9 +206,10 @@ class SharedBasisMethod(CompressionMethod):
         relative = errors.relative()
         if slimming_error is not None:
             relative["slimming"] = slimming_error
+        relative.update(output_errors.relative())
         return CompressedLayer(spec, work.emit.written, relative)
 
-    def _fit_group(self, work: LayerWork, experts: LayerExperts, order: list[int], kept: list[int],
+    def _fit_group(self, work: LayerWork, experts: LayerExperts, grams: ExpertGrams, order: list[int], kept: list[int],
                    received: dict[int, tuple[torch.Tensor, torch.Tensor]], basis_in: torch.Tensor | None,
                    basis_out: torch.Tensor | None) -> dict[int, dict]:
         """Step 3 (and 4) for one group on its owner: per expert the expert whose factors serve it, the
@@ -196,9 +219,13 @@ class SharedBasisMethod(CompressionMethod):
         outcome: dict[int, dict] = {}
         for e in order:
             release_heap_every_few_experts(e)
-            gram_in, mid_gram = received[e]
+            gram_in, mid_gram, inputs = received[e]
             group_in, group_out = self._group_bases(work, basis_in, basis_out, e)
             own, fit = self._fit_expert(work, experts, gram_in, e, group_in, group_out)
+            output_errors = None
+            if inputs is not None:
+                own, output_errors = self._fit_down_to_outputs(work, experts, grams, inputs, e, own, group_in,
+                                                               group_out)
             if e in kept:
                 candidates = {e: own}
             elif self.options.trim_combine == "sum":
@@ -215,6 +242,8 @@ class SharedBasisMethod(CompressionMethod):
                 factors[e] = own
             if chosen == e:  # a bank of its own: kept, or Eq. 8's sum
                 outcome[e].update(gate_up=candidates[e].gate_up, down=candidates[e].down)
+            if output_errors is not None and chosen == e:
+                outcome[e]["outputs"] = output_errors
             del fit, mid_gram
         return outcome
 
@@ -277,6 +306,31 @@ class SharedBasisMethod(CompressionMethod):
         fit = dec.identity_fit(gate_up, gram_in) if basis_in is None else dec.fit_input(gate_up, basis_in, gram_in)
         down = experts.down[e] if basis_out is None else dec.fit_output_factor(experts.down[e], basis_out)
         return _BankFactors(fit.factor.to(work.model_dtype), down.to(work.model_dtype)), fit
+
+    def _fits_outputs(self, basis_in: torch.Tensor | None) -> bool:
+        """`down_fit` "outputs" on a layer whose gate and up change (without an input basis they are exact)."""
+        return self.options.down_fit == "outputs" and basis_in is not None
+
+    @staticmethod
+    def _fit_down_to_outputs(work: LayerWork, experts: LayerExperts, grams: ExpertGrams,
+                             inputs: tuple[torch.Tensor, torch.Tensor | None, list[int]], e: int,
+                             own: _BankFactors, basis_in: torch.Tensor, basis_out: torch.Tensor | None
+                             ) -> tuple[_BankFactors, torch.Tensor | None]:
+        """`down_fit` "outputs": expert e's down factor refitted to reproduce its dense output from the
+        activations of its fitted gate and up as the checkpoint computes them (decompose.py), and the
+        output errors on its calibration tokens (`_OutputErrors`: refitted, weight fit, dense energy)."""
+        dense = torch.cat([experts.gate[e], experts.up[e]])
+        fitted = reconstruct(own.gate_up, basis_in, dense.dtype)
+        act_fn = work.model.moe_block(work.layer).experts.act_fn
+        data = grams.output_fit(inputs, dense, fitted, act_fn)
+        if data is None:  # never routed: nothing to fit to, the weight projection stays
+            return own, None
+        down = dec.fit_output_factor_to_outputs(experts.down[e], basis_out, data.cross, data.gram)
+        refitted = _BankFactors(own.gate_up, down.to(work.model_dtype))
+        served = [reconstruct(f.down, basis_out, dense.dtype, basis_first=True) for f in (refitted, own)]
+        (fit_error, energy), (weight_error, _) = (data.output_error(experts.down[e], d) for d in served)
+        terms = torch.tensor([fit_error, weight_error, energy], dtype=torch.float64, device=data.dense.device)
+        return refitted, terms
 
     @staticmethod
     def _emit_bank(work: LayerWork, bank: int, factors: _BankFactors, rows: torch.Tensor) -> None:
