@@ -14,8 +14,10 @@ The members differ only in how the bases are chosen (`shared_bases`). The steps 
 1. neuron selection, when the planned shape keeps I' < I neurons (offline/slimming.py);
 2. the bases (none when r = H: the factors are then the slimmed weights themselves);
 3. expert by expert, one expert's Grams alive at a time: the whitened least-squares fit
-   G = W C A^T (A C A^T)^{-1} (C the expert's input Gram) and D = B^T W_down, the error terms, and with
-   `write_back` the reconstruction written into the layer in place of the dense expert;
+   G = W C A^T (A C A^T)^{-1} (C the expert's input Gram) and D = B^T W_down (with `down_fit` "outputs"
+   D = B^T W_down C_x C'^{-1} instead, fitted to the dense expert's output from the activations h' of the
+   fitted gate and up: offline/decompose.py), the error terms, and with `write_back` the reconstruction
+   written into the layer in place of the dense expert;
 4. U-trimming (Eq. 7-8), when `trim_keep` experts are kept per group: the kept experts of a group go
    first and every other expert is served, with `trim_combine` "one", by the kept expert that reproduces
    it best (it shares that bank: Algorithm 3's mapping), or with "sum" by the sum of the kept experts'
@@ -175,9 +177,9 @@ class SharedBasisMethod(CompressionMethod):
             fitted: dict[int, dict] = {}  # this rank's group of the round: expert -> its fit's outcome
             for owner, (group, kept) in round_:
                 order = kept + [e for e in group if e not in kept]  # kept experts first
+                refit = [e for e in kept if self._fits_outputs(basis_in)]  # `down_fit` "outputs": their rows
                 received = {e: (grams.input(e, owner), grams.mid(e, owner),
-                                    grams.routed_inputs(e, owner) if self._fits_outputs(basis_in) else None)
-                            for e in order}
+                                grams.routed_inputs(e, owner) if e in refit else None) for e in order}
                 if owner == ranks.rank:
                     fitted = self._fit_group(work, experts, grams, order, kept, received, basis_in, basis_out)
                 del received
@@ -209,8 +211,8 @@ class SharedBasisMethod(CompressionMethod):
         relative.update(output_errors.relative())
         return CompressedLayer(spec, work.emit.written, relative)
 
-    def _fit_group(self, work: LayerWork, experts: LayerExperts, grams: ExpertGrams, order: list[int], kept: list[int],
-                   received: dict[int, tuple[torch.Tensor, torch.Tensor]], basis_in: torch.Tensor | None,
+    def _fit_group(self, work: LayerWork, experts: LayerExperts, grams: ExpertGrams, order: list[int],
+                   kept: list[int], received: dict[int, tuple], basis_in: torch.Tensor | None,
                    basis_out: torch.Tensor | None) -> dict[int, dict]:
         """Step 3 (and 4) for one group on its owner: per expert the expert whose factors serve it, the
         error terms of that choice and, for a kept expert, its factors."""
@@ -223,7 +225,7 @@ class SharedBasisMethod(CompressionMethod):
             group_in, group_out = self._group_bases(work, basis_in, basis_out, e)
             own, fit = self._fit_expert(work, experts, gram_in, e, group_in, group_out)
             output_errors = None
-            if inputs is not None:
+            if inputs is not None:  # kept experts only: a trimmed one is served by other factors
                 own, output_errors = self._fit_down_to_outputs(work, experts, grams, inputs, e, own, group_in,
                                                                group_out)
             if e in kept:
@@ -242,7 +244,7 @@ class SharedBasisMethod(CompressionMethod):
                 factors[e] = own
             if chosen == e:  # a bank of its own: kept, or Eq. 8's sum
                 outcome[e].update(gate_up=candidates[e].gate_up, down=candidates[e].down)
-            if output_errors is not None and chosen == e:
+            if output_errors is not None:
                 outcome[e]["outputs"] = output_errors
             del fit, mid_gram
         return outcome
