@@ -74,7 +74,8 @@ def test_malformed_device_is_refused_with_the_choices(spec):
 
 
 # ------------------------------------------------------------------------------------------ torch.distributed
-@pytest.mark.parametrize("which", ["tiny-default", "bundled-moe-svd", "tiny-down-fit"])
+@pytest.mark.parametrize("which", ["tiny-default", "bundled-moe-svd",
+                                   pytest.param("tiny-down-fit", marks=pytest.mark.slow)])
 def test_two_processes_give_the_checkpoint_of_one(tiny_model_dir, tmp_path, which):
     """torchrun with 2 gloo processes: calibration windows split, statistics summed, experts (neuron
     selection and fits for the default, U-trimming groups for moe-svd) split; rank 0 writes. `--down-fit
